@@ -1,0 +1,48 @@
+"""`chat-api serve` (production) and `chat-api dev` (everything on one machine)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import ValidationError
+
+from api.config import Settings, describe_error
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="chat-api", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the production server (uvicorn)")
+    serve.add_argument("--host", help="address to bind (CHAT_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (CHAT_PORT, default 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (CHAT_WORKERS, default 1)")
+
+    dev = commands.add_parser("dev", help="run with an embedded Redis and a local stand-in model")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        # Flags become environment so that every worker process reads the same settings.
+        for flag, name in (("host", "CHAT_HOST"), ("port", "CHAT_PORT"), ("workers", "CHAT_WORKERS")):
+            if getattr(args, flag) is not None:
+                os.environ[name] = str(getattr(args, flag))
+        settings = load_settings()
+        from api.server import serve as run_server
+
+        run_server(settings)
+    else:
+        from api.dev import run_dev
+
+        run_dev(args.host, args.port)
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        print(f"chat-api: configuration error: {describe_error(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None

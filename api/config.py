@@ -1,0 +1,128 @@
+"""Every knob of the service, read from the environment (or `.env`, or Docker secrets) and validated once."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "claude-sonnet-4-5"
+
+# pydantic-settings warns about a missing secrets directory, so it is only named when it exists.
+_SECRETS_DIR = "/run/secrets" if os.path.isdir("/run/secrets") else None
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHAT_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        secrets_dir=_SECRETS_DIR,
+        populate_by_name=True,
+    )
+
+    # Standard names, shared with other tools.
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url")
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "anthropic_api_key")
+    )
+    anthropic_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "anthropic_base_url")
+    )
+
+    # Model and request limits.
+    model: str = DEFAULT_MODEL
+    allowed_models: CommaList = Field(default_factory=list)
+    max_tokens: int = Field(1024, ge=1)
+    max_tokens_limit: int = Field(8192, ge=1)
+    system_prompt: str = ""
+    max_message_chars: int = Field(32_000, ge=1)
+    max_body_bytes: int = Field(262_144, ge=1024)
+
+    # Sessions.
+    session_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
+    history_max_messages: int = Field(200, ge=2)
+    context_max_tokens: int = Field(100_000, ge=1)
+    lock_ttl_seconds: float = Field(30.0, gt=0)
+    redis_prefix: str = Field("chat", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    redis_timeout_seconds: float = Field(5.0, gt=0)
+    redis_max_connections: int = Field(200, ge=1)
+
+    # Upstream.
+    upstream_max_retries: int = Field(2, ge=0, le=10)
+    upstream_timeout_seconds: float = Field(60.0, gt=0)
+    upstream_max_connections: int = Field(10_000, ge=1)
+
+    # Admission control.
+    api_keys: CommaList = Field(default_factory=list)
+    trusted_proxies: CommaList = Field(default_factory=list)
+    rate_limit_requests: int = Field(0, ge=0)
+    rate_limit_tokens: int = Field(0, ge=0)
+    rate_limit_concurrent: int = Field(0, ge=0)
+    worker_max_streams: int = Field(0, ge=0)
+    worker_queue_seconds: float = Field(0.0, ge=0)
+
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    drain_seconds: float = Field(30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("allowed_models", "api_keys", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if key.startswith("sha256:"):
+                digest = key.removeprefix("sha256:")
+                if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                    raise ValueError("a sha256: entry needs 64 hex digits")
+            elif len(key) < 16:
+                raise ValueError("every key needs at least 16 characters")
+        return keys
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if not self.allowed_models:
+            self.allowed_models = [self.model]
+        elif self.model not in self.allowed_models:
+            raise ValueError(f"CHAT_MODEL {self.model!r} is not in CHAT_ALLOWED_MODELS")
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError("CHAT_MAX_TOKENS is above CHAT_MAX_TOKENS_LIMIT")
+        if self.anthropic_api_key is None or not self.anthropic_api_key.get_secret_value().strip():
+            raise ValueError(
+                "ANTHROPIC_API_KEY is required (or run `chat-api dev` to use the local stand-in model)"
+            )
+        return self
+
+    @property
+    def api_key(self) -> str:
+        assert self.anthropic_api_key is not None  # enforced by the validator
+        return self.anthropic_api_key.get_secret_value()
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line that names the offending variable, for a process that must refuse to start."""
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    message = first["msg"].removeprefix("Value error, ")
+    if not field:
+        return message
+    standard = {"redis_url": "REDIS_URL", "anthropic_api_key": "ANTHROPIC_API_KEY"}
+    name = field if field.isupper() else standard.get(field, f"CHAT_{field.upper()}")
+    return f"{name}: {message}"

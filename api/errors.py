@@ -1,0 +1,113 @@
+"""The service's errors and the one table that turns them into HTTP.
+
+ChatError                       a turn (or request) refused before any reply byte was sent
+├── InvalidRequest        400   empty message, bad session id, unknown model, nothing to regenerate
+├── AuthenticationFailed  401
+├── NotFound              404
+├── SessionBusy           409   another turn of the session is in flight, on any worker
+├── RequestTooLarge       413
+├── ValidationFailed      422   body is not JSON or has fields of the wrong type
+├── RateLimited           429
+├── UpstreamFailed        502   Claude refused the request or failed, after retries
+├── Unavailable           503   Redis unreachable, Claude overloaded, worker full or draining
+└── UpstreamTimeout       504   no first token in time
+
+StreamFailed                    the reply broke after the 200 went out: the response is cut short
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+from api.outcomes import Outcome
+
+
+class ChatError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    outcome: ClassVar[Outcome] = Outcome.REJECTED
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        return error_body(self.type, self.message)
+
+
+class InvalidRequest(ChatError):
+    status = 400
+    type = "invalid_request"
+
+
+class AuthenticationFailed(ChatError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(ChatError):
+    status = 404
+    type = "not_found"
+
+
+class SessionBusy(ChatError):
+    status = 409
+    type = "session_busy"
+
+
+class RequestTooLarge(ChatError):
+    status = 413
+    type = "request_too_large"
+
+
+class ValidationFailed(ChatError):
+    status = 422
+    type = "validation_error"
+
+
+class RateLimited(ChatError):
+    status = 429
+    type = "rate_limited"
+
+
+class UpstreamFailed(ChatError):
+    status = 502
+    type = "upstream_error"
+    outcome = Outcome.UPSTREAM_ERROR
+
+
+class Unavailable(ChatError):
+    status = 503
+    type = "unavailable"
+
+
+class UpstreamUnavailable(Unavailable):
+    """Claude is overloaded or rate-limits us: the client should come back later, like any 503."""
+
+    outcome = Outcome.UPSTREAM_ERROR
+
+
+class StoreUnavailable(Unavailable):
+    outcome = Outcome.UNKNOWN_ERROR
+
+
+class UpstreamTimeout(ChatError):
+    status = 504
+    type = "upstream_timeout"
+    outcome = Outcome.UPSTREAM_ERROR
+
+
+class StreamFailed(Exception):
+    """The reply cannot be completed once streaming began; `outcome` says whose fault it was."""
+
+    def __init__(self, reason: str, outcome: Outcome = Outcome.UPSTREAM_ERROR) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outcome = outcome
+
+
+def error_body(type_: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"type": type_, "message": message}})

@@ -1,0 +1,131 @@
+"""Conversation history in Redis: begin a turn (lock + read), commit it (fenced, atomic, once), read, delete.
+
+Each message is stored as one JSON string in a list, in the form the API returns it, so reading a
+session's history splices stored bytes into the response without decoding them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from api.errors import StoreUnavailable
+from api.keys import SessionKeys
+from api.locks import SessionLock
+from api.scripts import Scripts
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What a turn saw when it began: the history, its version, and the time on Redis's clock."""
+
+    lock: SessionLock
+    version: int
+    now_ms: int
+    messages: list[dict[str, Any]]
+
+
+class CommitRefused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreUnavailable("the session store is unreachable; try again shortly", retry_after=1) from exc
+
+
+def iso_time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def stored_message(message_id: str, role: str, content: str, created_ms: int, tokens: int) -> bytes:
+    return orjson.dumps(
+        {
+            "id": message_id,
+            "role": role,
+            "content": content,
+            "created_at": iso_time(created_ms),
+            "tokens": tokens,
+        }
+    )
+
+
+class SessionStore:
+    def __init__(
+        self, redis: Redis, scripts: Scripts, *, ttl_seconds: int, max_messages: int, lock_ttl: float
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.ttl_ms = ttl_seconds * 1000
+        self.max_messages = max_messages
+        self.lock_ttl_ms = max(1, int(lock_ttl * 1000))
+
+    async def begin(self, keys: SessionKeys, token: str) -> Snapshot | None:
+        """Lock the session and read its history in one round trip; None when another turn holds it."""
+        async with redis_errors():
+            reply = await self.scripts.begin_turn(keys=keys.all(), args=[token, self.lock_ttl_ms])
+        if reply[0] == 0:
+            return None
+        lock = SessionLock(self.redis, self.scripts, keys.lock, token, self.lock_ttl_ms)
+        return Snapshot(lock, int(reply[1]), int(reply[2]), [orjson.loads(raw) for raw in reply[3]])
+
+    async def commit(
+        self,
+        keys: SessionKeys,
+        snapshot: Snapshot,
+        turn_id: str,
+        messages: list[bytes],
+        *,
+        replace_last: bool,
+    ) -> None:
+        """Append the turn and release the lock, or raise `CommitRefused` and write nothing."""
+        args: list[str | bytes | int] = [
+            snapshot.lock.token,
+            snapshot.version,
+            turn_id,
+            self.ttl_ms,
+            self.max_messages,
+            "1" if replace_last else "0",
+            *messages,
+        ]
+        async with redis_errors():
+            result = await self.scripts.commit_turn(keys=keys.all(), args=args)
+        if result == 1:
+            snapshot.lock.held = False
+            return
+        raise CommitRefused("the session's lock was lost" if result == 0 else "the history changed meanwhile")
+
+    async def create(self, keys: SessionKeys) -> bool:
+        async with redis_errors():
+            created = await self.scripts.create_session(keys=[keys.meta], args=[self.ttl_ms])
+        return bool(created)
+
+    async def read(self, keys: SessionKeys) -> list[bytes] | None:
+        """The stored messages as raw JSON, oldest first; None when the session does not exist."""
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(keys.history, 0, -1)
+            pipe.exists(keys.meta)
+            messages, meta = await pipe.execute()
+        if not messages and not meta:
+            return None
+        return list(messages)
+
+    async def delete(self, keys: SessionKeys) -> bool:
+        """Forget the session. Deleting the lock too makes an in-flight turn's commit fail its token check."""
+        async with redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(keys.history, keys.meta)
+            pipe.delete(*keys.all())
+            existed, _ = await pipe.execute()
+        return bool(existed)

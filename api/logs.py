@@ -1,0 +1,68 @@
+"""Log set-up: plain text for people, one JSON object per line for collectors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+
+import orjson
+
+from api.config import Settings
+from api.streaming import StreamAborted
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        turn = getattr(record, "turn", None)
+        if isinstance(turn, dict):
+            line.update(turn)
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        turn = getattr(record, "turn", None)
+        if isinstance(turn, dict):
+            text += " " + " ".join(f"{key}={value}" for key, value in turn.items() if value not in (None, ""))
+        return text
+
+
+class DropAbortedStreams(logging.Filter):
+    """A reply cut short is reported by our own turn line; the server's traceback for it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StreamAborted))
+
+
+def quiet_aborted_streams() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DropAbortedStreams) for f in logger.filters):
+        logger.addFilter(DropAbortedStreams())
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+    quiet_aborted_streams()
+    logging.getLogger("httpx2").setLevel(logging.WARNING)

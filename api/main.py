@@ -1,0 +1,153 @@
+"""The ASGI application: `create_app(settings)` builds it; the lifespan makes its clients.
+
+`api.main:app` is built on first access rather than at import, so importing this module reads no
+environment and connects to nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from redis.asyncio import BlockingConnectionPool, Redis
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.chat import ChatService
+from api.config import Settings
+from api.errors import ChatError, ValidationFailed
+from api.history import SessionStore
+from api.logs import configure_logging, quiet_aborted_streams
+from api.outcomes import OutcomeRecorder, TurnHook
+from api.routes import error_response, json_error, router
+from api.scripts import Scripts
+from api.state import AppState
+from api.upstream import Upstream
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    on_turn_end: TurnHook | None = None,
+    redis: Redis | None = None,
+) -> FastAPI:
+    """Build the app. `redis` lets a test hand in its own client (which it then closes itself)."""
+    settings = settings or Settings()
+    recorder = OutcomeRecorder(on_turn_end)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        quiet_aborted_streams()
+        client = redis or make_redis(settings)
+        scripts = Scripts.register(client)
+        store = SessionStore(
+            client,
+            scripts,
+            ttl_seconds=settings.session_ttl_seconds,
+            max_messages=settings.history_max_messages,
+            lock_ttl=settings.lock_ttl_seconds,
+        )
+        upstream = Upstream(settings)
+        state = AppState(settings, client, ChatService(settings, store, upstream, recorder))
+        app.state.current = state
+        try:
+            yield {"app": state}
+        finally:
+            await upstream.aclose()
+            if redis is None:
+                await client.aclose()
+
+    app = FastAPI(
+        title="redis-chat-api",
+        version="0.1.0",
+        summary="Streams Claude's replies as plain text; conversations live in Redis.",
+        lifespan=lifespan,
+    )
+    app.state.recorder = recorder
+    app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(ChatError)
+    async def chat_error(request: Request, exc: ChatError) -> Response:
+        return json_error(exc, _rid(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return json_error(ValidationFailed("the request is malformed"), _rid(request))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
+        response = error_response(exc.status_code, type_, str(exc.detail), _rid(request))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        return json_error(ChatError("the server failed; try again"), _rid(request))
+
+    return app
+
+
+def make_redis(settings: Settings) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_seconds,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=min(2.0, settings.redis_timeout_seconds),
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
+
+
+def _rid(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's, when it sent a sane one) and echoes it on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                rid = candidate if _REQUEST_ID.fullmatch(candidate) else None
+                break
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    message["headers"] = [*headers, header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn api.main:app` (and each worker process of `chat-api serve`) lands here.
+    if name == "app":
+        settings = Settings()
+        configure_logging(settings)
+        return create_app(settings)
+    raise AttributeError(name)

@@ -1,0 +1,74 @@
+"""How each chat request ended: one report per request, logged, counted and handed to the embedder's hook."""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger("api.turns")
+
+
+class Outcome(enum.StrEnum):
+    SUCCESS = "success"
+    CLIENT_DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
+    CLIENT_DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
+    UPSTREAM_ERROR = "upstream_error"
+    REJECTED = "rejected"
+    UNKNOWN_ERROR = "unknown_error"
+
+
+@dataclass(slots=True)
+class TurnReport:
+    request_id: str
+    session_id: str | None = None
+    outcome: Outcome = Outcome.UNKNOWN_ERROR
+    status: int = 0
+    error_type: str | None = None
+    detail: str | None = None
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    duration_seconds: float = 0.0
+    first_token_seconds: float | None = None
+    upstream_request_id: str | None = None
+    committed: bool = False
+    tenant: str | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data.pop("tenant")
+        data["outcome"] = self.outcome.value
+        return data
+
+
+TurnHook = Callable[[TurnReport], Awaitable[None] | None]
+
+
+class OutcomeRecorder:
+    """Logs one structured line per request, counts outcomes and calls the optional hook."""
+
+    def __init__(self, hook: TurnHook | None = None) -> None:
+        self.hook = hook
+        self.counts: Counter[Outcome] = Counter()
+        self.observers: list[Callable[[TurnReport], None]] = []
+
+    async def record(self, report: TurnReport) -> None:
+        self.counts[report.outcome] += 1
+        level = logging.WARNING if report.outcome is Outcome.UNKNOWN_ERROR else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "turn %s", report.outcome.value, extra={"turn": report.as_dict()})
+        for observe in self.observers:
+            observe(report)
+        if self.hook is None:
+            return
+        try:
+            result = self.hook(report)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            # The embedder's hook must not turn a finished request into a failed one.
+            log.exception("on_turn_end hook failed for request %s", report.request_id)

@@ -1,0 +1,204 @@
+"""HTTP only: parse the request, call the chat service, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import ValidationError
+
+from api.chat import ChatService, TurnRequest
+from api.errors import ChatError, RequestTooLarge, Unavailable, ValidationFailed, error_body
+from api.outcomes import TurnReport
+from api.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
+from api.state import AppState
+from api.streaming import TurnResponse
+
+PUBLIC_TENANT = "public"
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.state.app
+    return state
+
+
+def chat_service(request: Request) -> ChatService:
+    return app_state(request).chat
+
+
+def tenant(request: Request) -> str:
+    return PUBLIC_TENANT
+
+
+def request_id(request: Request) -> str:
+    rid: str = request.state.request_id
+    return rid
+
+
+StateDep = Annotated[AppState, Depends(app_state)]
+ChatDep = Annotated[ChatService, Depends(chat_service)]
+TenantDep = Annotated[str, Depends(tenant)]
+RequestIdDep = Annotated[str, Depends(request_id)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "Invalid request",
+        401: "Missing or wrong API key",
+        404: "No such session",
+        409: "Another turn of this session is in flight",
+        413: "Message or body too large",
+        422: "Body is not JSON or has fields of the wrong type",
+        429: "Rate limited",
+        502: "Claude failed",
+        503: "Unavailable",
+        504: "No first token in time",
+    }.items()
+}
+_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "The reply, streamed"}
+}
+_CHAT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatRequest.model_json_schema(by_alias=False)}},
+    }
+}
+
+router = APIRouter()
+
+
+@router.post(
+    "/chat/stream",
+    response_class=Response,
+    responses={**_STREAM, **_ERRORS},
+    openapi_extra=_CHAT_BODY,
+    summary="One-shot turn, no history",
+)
+async def chat_stream(request: Request, chat: ChatDep, tenant: TenantDep, rid: RequestIdDep) -> Response:
+    return await _turn(request, chat, tenant, rid, None)
+
+
+@router.post(
+    "/chat/{session_id}/stream",
+    response_class=Response,
+    responses={**_STREAM, **_ERRORS},
+    openapi_extra=_CHAT_BODY,
+    summary="One turn of a conversation; the session is created on first use",
+)
+async def chat_session_stream(
+    session_id: str, request: Request, chat: ChatDep, tenant: TenantDep, rid: RequestIdDep
+) -> Response:
+    return await _turn(request, chat, tenant, rid, session_id)
+
+
+@router.get(
+    "/chat/{session_id}/messages",
+    response_model=SessionHistory,
+    responses=_ERRORS,
+    summary="The stored history, oldest first",
+)
+async def session_messages(session_id: str, chat: ChatDep, tenant: TenantDep) -> Response:
+    messages = await chat.history(tenant, session_id)
+    # The stored messages are already JSON: splice them rather than decode and re-encode.
+    body = b'{"session_id":%s,"messages":[%s]}' % (orjson.dumps(session_id), b",".join(messages))
+    return Response(body, media_type="application/json")
+
+
+@router.delete("/chat/{session_id}", status_code=204, responses=_ERRORS, summary="Forget a session")
+async def delete_session(session_id: str, chat: ChatDep, tenant: TenantDep) -> Response:
+    await chat.delete(tenant, session_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/sessions", status_code=201, response_model=NewSession, responses=_ERRORS, summary="A new session id"
+)
+async def new_session(chat: ChatDep, tenant: TenantDep) -> Response:
+    session_id = await chat.create_session(tenant)
+    return Response(orjson.dumps({"session_id": session_id}), status_code=201, media_type="application/json")
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"model": ErrorBody}}, summary="Readiness")
+async def readyz(state: StateDep) -> Response:
+    if state.draining:
+        raise Unavailable("this worker is shutting down", retry_after=1)
+    try:
+        async with asyncio.timeout(1.0):
+            await state.redis.ping()
+    except Exception as exc:
+        raise Unavailable("Redis does not answer", retry_after=1) from exc
+    return Response(b'{"status":"ready"}', media_type="application/json")
+
+
+async def _turn(
+    request: Request, chat: ChatService, tenant: str, rid: str, session_id: str | None
+) -> Response:
+    report = TurnReport(request_id=rid, session_id=session_id, tenant=tenant)
+    try:
+        body = await read_chat_body(request, chat.settings.max_body_bytes)
+    except ChatError as exc:
+        report.outcome, report.status, report.error_type, report.detail = (
+            exc.outcome,
+            exc.status,
+            exc.type,
+            exc.message,
+        )
+        await chat.finish(report)
+        raise
+    headers = [(b"x-request-id", rid.encode())]
+    if session_id is not None:
+        headers.append((b"x-session-id", session_id.encode()))
+    return TurnResponse(chat, TurnRequest(tenant, session_id, body), report, headers)
+
+
+async def read_chat_body(request: Request, limit: int) -> ChatRequest:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"the body is over {limit} bytes")
+    size = 0
+    parts: list[bytes] = []
+    # Counting as the body arrives refuses an oversized chunked body before it is read whole.
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise RequestTooLarge(f"the body is over {limit} bytes")
+        parts.append(part)
+    raw = b"".join(parts)
+    try:
+        return ChatRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ValidationFailed(describe_validation(exc)) from None
+
+
+def describe_validation(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "json_invalid":
+            problems.append("the body is not valid JSON")
+        elif error["type"] == "model_type":
+            problems.append("the body must be a JSON object")
+        else:
+            problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(problems)
+
+
+def json_error(error: ChatError, rid: str | None) -> Response:
+    return error_response(error.status, error.type, error.message, rid, error.retry_after)
+
+
+def error_response(
+    status: int, type_: str, message: str, rid: str | None, retry_after: float | None = None
+) -> Response:
+    headers = {"x-request-id": rid} if rid else {}
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, round(retry_after)))
+    return Response(error_body(type_, message), status, headers, "application/json")

@@ -1,0 +1,47 @@
+"""Request and response bodies, as the OpenAPI schema shows them."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+
+class ChatRequest(BaseModel):
+    # Strict: a number where a string belongs is the client's bug, reported as 422, never coerced.
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+
+    message: str | None = Field(
+        None,
+        validation_alias=AliasChoices("message", "user_input"),
+        description="The user's message (alias: user_input). Omit it when regenerating.",
+    )
+    regenerate: bool = Field(False, description="Ask again for the session's last user message.")
+    system: str | None = Field(None, description="A system prompt for this turn.")
+    model: str | None = Field(None, description="One of the allowed models; the default when omitted.")
+    max_tokens: int | None = Field(None, description="1 up to the configured limit.")
+    temperature: float | None = Field(None, description="0 to 1.")
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class StoredMessage(BaseModel):
+    id: str
+    role: str
+    content: str
+    created_at: str
+    tokens: int
+
+
+class SessionHistory(BaseModel):
+    session_id: str
+    messages: list[StoredMessage]
+
+
+class NewSession(BaseModel):
+    session_id: str

@@ -1,0 +1,101 @@
+"""A lean decoder for the Messages API's server-sent events: raw bytes in, reply text out.
+
+It follows the SDK's decoder rules (an event without an `event:` line is skipped, `ping` and unknown
+events are ignored, `error` raises) but decodes only what a relay needs, so each text delta costs one
+small JSON parse instead of a tree of typed objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class UpstreamEventError(Exception):
+    """The upstream sent an `event: error` inside an otherwise successful (200) response."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+
+
+class ReplyDecoder:
+    __slots__ = ("_pending", "done", "input_tokens", "message_id", "output_tokens", "stop_reason")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.done = False
+        self.stop_reason: str | None = None
+        self.message_id: str | None = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Consume raw bytes; return the UTF-8 text of every complete text delta they finish."""
+        buf = self._pending + chunk if self._pending else chunk
+        if b"\r" in buf:
+            # A trailing CR may be the first half of a CRLF split across reads.
+            keep = b"\r" if buf.endswith(b"\r") else b""
+            buf = buf[: len(buf) - len(keep)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            keep = b""
+        out: list[bytes] = []
+        start = 0
+        while (end := buf.find(b"\n\n", start)) >= 0:
+            if end > start:
+                self._event(buf[start:end], out)
+            start = end + 2
+        self._pending = buf[start:] + keep if start < len(buf) or keep else b""
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def _event(self, block: bytes, out: list[bytes]) -> None:
+        name = b""
+        data = b""
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                part = line[6:] if line[5:6] == b" " else line[5:]
+                data = data + b"\n" + part if data else part
+            elif line.startswith(b"event:"):
+                name = line[6:].strip()
+        if name == b"content_block_delta":
+            delta = orjson.loads(data)["delta"]
+            if delta.get("type") == "text_delta" and delta["text"]:
+                out.append(delta["text"].encode())
+        elif name in _HANDLED:
+            self._control(name, orjson.loads(data) if data else {}, out)
+
+    def _control(self, name: bytes, event: dict[str, Any], out: list[bytes]) -> None:
+        if name == b"message_start":
+            message = event.get("message") or {}
+            self.message_id = message.get("id")
+            self._usage(message.get("usage") or {})
+        elif name == b"message_delta":
+            self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+            self._usage(event.get("usage") or {})
+        elif name == b"message_stop":
+            self.done = True
+        elif name == b"content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "text" and block.get("text"):
+                out.append(block["text"].encode())
+        elif name == b"error":
+            error = event.get("error") or {}
+            raise UpstreamEventError(str(error.get("type", "error")), str(error.get("message", "")))
+
+    def _usage(self, usage: dict[str, Any]) -> None:
+        # message_delta's counts are cumulative and overwrite message_start's when present.
+        input_tokens = sum(
+            usage.get(name) or 0
+            for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        )
+        if input_tokens:
+            self.input_tokens = input_tokens
+        if usage.get("output_tokens") is not None:
+            self.output_tokens = int(usage["output_tokens"])
+
+
+_HANDLED = frozenset({b"message_start", b"message_delta", b"message_stop", b"content_block_start", b"error"})

@@ -1,0 +1,18 @@
+"""What the lifespan builds and every request reads: typed, rather than loose attributes on the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from api.chat import ChatService
+from api.config import Settings
+
+
+@dataclass(slots=True)
+class AppState:
+    settings: Settings
+    redis: Redis
+    chat: ChatService
+    draining: bool = False

@@ -1,0 +1,131 @@
+"""The ASGI response that runs a turn and relays its reply as plain text.
+
+It is a response rather than a route body because the status is not known when the route returns:
+the lock, the history and the upstream's first token all come first, and any failure up to there
+must still be a proper HTTP error. After the 200, a failure aborts the connection without the final
+chunk, so the client sees an incomplete body and never takes a cut reply for a whole one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from api.chat import ChatService, Turn, TurnRequest
+from api.errors import ChatError, StreamFailed
+from api.outcomes import Outcome, TurnReport
+
+STREAM_HEADERS = [
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class StreamAborted(Exception):
+    """Raised to the server so it drops the connection without the final chunk."""
+
+
+class TurnResponse(Response):
+    def __init__(
+        self,
+        service: ChatService,
+        request: TurnRequest,
+        report: TurnReport,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        # Response's own __init__ renders a body up front; this one has none until the turn runs.
+        self.status_code = 200
+        self.background = None
+        self.service = service
+        self.request = request
+        self.report = report
+        self.extra_headers = headers
+        self.disconnected = False
+        self.cancellable = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        report = self.report
+        started = time.monotonic()
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(self._watch(receive, task))
+        turn: Turn | None = None
+        streaming = False
+        abort = False
+        try:
+            turn = await self.service.open_turn(self.request, report)
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": self.extra_headers + STREAM_HEADERS}
+            )
+            streaming = True
+            await send({"type": "http.response.body", "body": turn.first, "more_body": True})
+            async for chunk in turn.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await asyncio.sleep(0)  # let a disconnect that already happened be seen before committing
+            if self.disconnected:
+                raise asyncio.CancelledError
+            # Commit and unlock before the final chunk: a client that has read the whole reply can
+            # send its next turn at once, to any worker.
+            await turn.commit()
+            self.cancellable = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            report.outcome, report.status = Outcome.SUCCESS, 200
+        except ChatError as exc:
+            self.cancellable = False
+            report.outcome, report.status, report.error_type = exc.outcome, exc.status, exc.type
+            report.detail = exc.message
+            if not self.disconnected:
+                await send_error(send, exc, self.extra_headers)
+        except StreamFailed as exc:
+            report.outcome, report.status, report.detail = exc.outcome, 200, exc.reason
+            abort = True
+        except asyncio.CancelledError:
+            if not self.disconnected or task.uncancel() > 0:
+                raise
+            report.outcome = (
+                Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING
+                if streaming
+                else Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
+            )
+            report.status = 200 if streaming else 499
+        except Exception as exc:
+            report.outcome, report.detail = Outcome.UNKNOWN_ERROR, f"{type(exc).__name__}: {exc}"
+            if streaming:
+                abort = True
+            else:
+                report.status = 500
+                await send_error(send, ChatError("the server failed; try again"), self.extra_headers)
+        finally:
+            self.cancellable = False
+            watcher.cancel()
+            if turn is not None:
+                await turn.close()
+            report.duration_seconds = time.monotonic() - started
+            await self.service.finish(report)
+        if abort:
+            raise StreamAborted(report.detail)
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Cancel the turn as soon as the client goes away, so the upstream stream closes at once."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        self.disconnected = True
+        if self.cancellable:
+            task.cancel()
+
+
+async def send_error(send: Send, error: ChatError, headers: list[tuple[bytes, bytes]]) -> None:
+    body = error.body()
+    extra = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.retry_after is not None:
+        extra.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    start: Message = {"type": "http.response.start", "status": error.status, "headers": headers + extra}
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,152 @@
+"""Claude, through the official SDK: it builds, authenticates and retries the request; we read the reply.
+
+The SDK's retries cover everything up to the response headers, which is exactly the window in which a
+retry is safe. Once the 200 arrives, the body is read as raw bytes and decoded by `ReplyDecoder`,
+because parsing every event into typed objects is most of a relay's cost per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx2
+
+from api.config import Settings
+from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from api.sse import ReplyDecoder, UpstreamEventError
+
+DEFAULT_RETRY_AFTER = 5.0
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    model: str
+    max_tokens: int
+    messages: list[dict[str, str]]
+    system: str | None = None
+    temperature: float | None = None
+
+
+class ReplyBroken(Exception):
+    """The reply stopped before `message_stop`. `overloaded`/`timeout` tell how, for status mapping."""
+
+    def __init__(self, reason: str, *, overloaded: bool = False, timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.overloaded = overloaded
+        self.timeout = timeout
+
+
+class Reply:
+    """One open reply stream. Iterate `chunks()` for UTF-8 text; always `close()` it."""
+
+    __slots__ = ("_response", "decoder", "request_id")
+
+    def __init__(self, response: anthropic.AsyncAPIResponse[Any]) -> None:
+        self._response = response
+        self.decoder = ReplyDecoder()
+        self.request_id: str | None = response.request_id
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Text as it arrives; several deltas that arrive in one read come out as one chunk.
+
+        Raises `ReplyBroken` for an `error` event, a dropped or stalled connection, or an end without
+        `message_stop`: text already yielded stays yielded, so only the caller knows what to undo.
+        """
+        decoder = self.decoder
+        try:
+            # Reading on to the end of the body (not stopping at message_stop) hands the
+            # connection back to the pool for the next turn instead of closing it.
+            async for raw in self._response.http_response.aiter_bytes():
+                if decoder.done:
+                    continue
+                text = decoder.feed(raw)
+                if text:
+                    yield text
+        except UpstreamEventError as exc:
+            raise ReplyBroken(str(exc), overloaded=exc.error_type == "overloaded_error") from exc
+        except httpx2.TimeoutException as exc:
+            if not decoder.done:
+                raise ReplyBroken("the upstream stalled", timeout=True) from exc
+        except httpx2.HTTPError as exc:
+            if not decoder.done:
+                raise ReplyBroken(f"the upstream connection failed: {type(exc).__name__}") from exc
+        if not decoder.done:
+            raise ReplyBroken("the upstream ended the reply without message_stop")
+
+    async def close(self) -> None:
+        await self._response.close()
+
+
+class Upstream:
+    def __init__(self, settings: Settings) -> None:
+        limits = httpx2.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=settings.upstream_max_connections,
+        )
+        self.client = anthropic.AsyncAnthropic(
+            api_key=settings.api_key,
+            base_url=settings.anthropic_base_url,
+            max_retries=settings.upstream_max_retries,
+            timeout=httpx2.Timeout(settings.upstream_timeout_seconds, connect=5.0),
+            http_client=anthropic.DefaultAsyncHttpxClient(limits=limits),
+        )
+
+    async def open(self, request: UpstreamRequest) -> Reply:
+        """Send the request (with the SDK's retries) and return the reply once its headers arrived."""
+        params: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": request.messages,
+            "stream": True,
+        }
+        if request.system:
+            params["system"] = request.system
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        try:
+            response = await self.client.messages.with_streaming_response.create(**params).__aenter__()
+        except anthropic.APIError as exc:
+            raise open_error(exc) from exc
+        return Reply(response)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def open_error(exc: anthropic.APIError) -> ChatError:
+    """Map what the SDK raised (after its retries) to the status our client gets."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return UpstreamTimeout("Claude did not answer in time")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return UpstreamFailed("Claude could not be reached")
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        if status in (429, 503, 529):
+            what = "rate-limited" if status == 429 else "overloaded"
+            return UpstreamUnavailable(f"Claude is {what}; try again later", retry_after=_retry_after(exc))
+        if status == 504:
+            return UpstreamTimeout("Claude did not answer in time")
+        return UpstreamFailed(f"Claude refused the request ({status}): {_api_message(exc)}")
+    return UpstreamFailed("Claude failed")
+
+
+def _api_message(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:300]
+    return exc.message[:300]
+
+
+def _retry_after(exc: anthropic.APIStatusError) -> float:
+    value = exc.response.headers.get("retry-after")
+    try:
+        seconds = float(value) if value is not None else DEFAULT_RETRY_AFTER
+    except ValueError:
+        seconds = DEFAULT_RETRY_AFTER
+    return max(1.0, min(seconds, 3600.0))
