@@ -6,6 +6,7 @@ environment and connects to nothing.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ from api.routes import error_response, json_error, router
 from api.scripts import Scripts
 from api.state import AppState
 from api.upstream import Upstream
+
+log = logging.getLogger("api")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -63,7 +66,7 @@ def create_app(
         finally:
             await upstream.aclose()
             if redis is None:
-                await client.aclose()
+                await client.aclose(close_connection_pool=True)
 
     app = FastAPI(
         title="redis-chat-api",
@@ -93,6 +96,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         return json_error(ChatError("the server failed; try again"), _rid(request))
 
     return app

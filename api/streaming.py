@@ -9,6 +9,7 @@ chunk, so the client sees an incomplete body and never takes a cut reply for a w
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -18,6 +19,8 @@ from starlette.types import Message, Receive, Scope, Send
 from api.chat import ChatService, Turn, TurnRequest
 from api.errors import ChatError, StreamFailed
 from api.outcomes import Outcome, TurnReport
+
+log = logging.getLogger("api.chat")
 
 STREAM_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
@@ -94,6 +97,7 @@ class TurnResponse(Response):
             )
             report.status = 200 if streaming else 499
         except Exception as exc:
+            log.error("turn %s failed unexpectedly", report.request_id, exc_info=exc)
             report.outcome, report.detail = Outcome.UNKNOWN_ERROR, f"{type(exc).__name__}: {exc}"
             if streaming:
                 abort = True

@@ -1,8 +1,160 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
 import pytest
+import redis
+
+from api.config import Settings
+from api.main import create_app
+from api.outcomes import TurnReport
+from api.standin import StandInModel, StandInThread
+from tests.processes import RedisServer, ThreadServer
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def _reachable(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when it answers; otherwise a redis-server of the suite's own."""
+    url = os.environ.get("REDIS_URL")
+    if url and _reachable(url):
+        yield url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of the test's own, so tests share a Redis without seeing each other's keys."""
+    name = "t" + uuid.uuid4().hex[:12]
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(f"{name}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def standin() -> Iterator[StandInModel]:
+    with StandInThread() as model:
+        yield model
+
+
+@pytest.fixture
+def make_settings(redis_url: str, prefix: str, standin: StandInModel) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "anthropic_api_key": "test-key",
+            "anthropic_base_url": standin.url,
+            "redis_url": redis_url,
+            "redis_prefix": prefix,
+            "upstream_timeout_seconds": 5.0,
+            "lock_ttl_seconds": 5.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+class LiveApp:
+    """The app on a real socket, and the reports it handed to `on_turn_end`."""
+
+    def __init__(self, server: ThreadServer, reports: list[TurnReport]) -> None:
+        self.server = server
+        self.reports = reports
+        self.url = server.url
+        self.client = httpx.Client(base_url=server.url, timeout=20)
+
+    def chat(self, session: str | None, message: str | None = None, **body: Any) -> httpx.Response:
+        if message is not None:
+            body["message"] = message
+        path = f"/chat/{session}/stream" if session else "/chat/stream"
+        return self.client.post(path, json=body)
+
+    def history(self, session: str) -> list[dict[str, Any]]:
+        response = self.client.get(f"/chat/{session}/messages")
+        if response.status_code == 404:
+            return []
+        response.raise_for_status()
+        messages: list[dict[str, Any]] = response.json()["messages"]
+        return messages
+
+    def wait_reports(self, count: int, timeout: float = 5.0) -> list[TurnReport]:
+        from tests.processes import wait_until
+
+        wait_until(lambda: len(self.reports) >= count, timeout, f"{count} turn reports")
+        return self.reports
+
+
+@pytest.fixture
+def live_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveApp]]:
+    """A factory: `live_app(**settings)` starts the app on a real socket; all are stopped afterwards."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**overrides: Any) -> LiveApp:
+            reports: list[TurnReport] = []
+            app = create_app(make_settings(**overrides), on_turn_end=reports.append)
+            server = stack.enter_context(ThreadServer(app))
+            live = LiveApp(server, reports)
+            stack.callback(live.client.close)
+            return live
+
+        yield start
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """httpx over ASGITransport, with the app's lifespan run around it (ASGITransport does not)."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            scope["state"] = dict(state)
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture
+def tmp_logs(tmp_path: Path) -> Path:
+    path = tmp_path / "logs"
+    path.mkdir()
+    return path
