@@ -22,10 +22,11 @@ class UpstreamEventError(Exception):
 
 
 class ReplyDecoder:
-    __slots__ = ("_pending", "done", "input_tokens", "message_id", "output_tokens", "stop_reason")
+    __slots__ = ("_cr_pending", "_pending", "done", "input_tokens", "message_id", "output_tokens", "stop_reason")
 
     def __init__(self) -> None:
         self._pending = b""
+        self._cr_pending = False
         self.done = False
         self.stop_reason: str | None = None
         self.message_id: str | None = None
@@ -34,20 +35,21 @@ class ReplyDecoder:
 
     def feed(self, chunk: bytes) -> bytes:
         """Consume raw bytes; return the UTF-8 text of every complete text delta they finish."""
+        if self._cr_pending and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the second half of a CRLF split across reads
         buf = self._pending + chunk if self._pending else chunk
         if b"\r" in buf:
-            # A trailing CR may be the first half of a CRLF split across reads.
-            keep = b"\r" if buf.endswith(b"\r") else b""
-            buf = buf[: len(buf) - len(keep)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            self._cr_pending = buf.endswith(b"\r")
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         else:
-            keep = b""
+            self._cr_pending = False
         out: list[bytes] = []
         start = 0
         while (end := buf.find(b"\n\n", start)) >= 0:
             if end > start:
                 self._event(buf[start:end], out)
             start = end + 2
-        self._pending = buf[start:] + keep if start < len(buf) or keep else b""
+        self._pending = buf[start:]
         if len(out) == 1:
             return out[0]
         return b"".join(out)
