@@ -1,0 +1,88 @@
+"""The commands a user runs: bad settings stop the process with one clear line; `chat-api dev` just works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.config import Settings
+from tests.processes import ROOT, free_port, stop_process, wait_until
+
+
+def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "api", "serve"],
+        env={**base, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, "ANTHROPIC_API_KEY"),
+        ({"ANTHROPIC_API_KEY": "k", "CHAT_MAX_TOKENS": "many"}, "CHAT_MAX_TOKENS"),
+        ({"ANTHROPIC_API_KEY": "k", "CHAT_LOCK_TTL_SECONDS": "-1"}, "CHAT_LOCK_TTL_SECONDS"),
+        ({"ANTHROPIC_API_KEY": "k", "CHAT_API_KEYS": "short"}, "CHAT_API_KEYS"),
+        ({"ANTHROPIC_API_KEY": "k", "CHAT_MODEL": "m-x", "CHAT_ALLOWED_MODELS": "m-y"}, "CHAT_MODEL"),
+    ],
+)
+def test_a_bad_setting_stops_serve_with_one_line_naming_it(env: dict[str, str], named: str) -> None:
+    result = run_serve(env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_settings_come_from_the_documented_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "secret-key")
+    monkeypatch.setenv("REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("CHAT_ALLOWED_MODELS", "a, b")
+    monkeypatch.setenv("CHAT_MODEL", "b")
+    monkeypatch.setenv("CHAT_MAX_TOKENS", "77")
+    settings = Settings()
+    assert settings.api_key == "secret-key"
+    assert settings.redis_url == "redis://example:6380/2"
+    assert settings.allowed_models == ["a", "b"]
+    assert settings.max_tokens == 77
+    assert "secret-key" not in repr(settings)
+
+
+def test_dev_runs_with_nothing_but_the_package(tmp_path: Path) -> None:
+    """`chat-api dev` on a machine with no Redis and no key: embedded Redis, stand-in model."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
+    log = tmp_path / "dev.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api", "dev", "--port", str(port)],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 30, "chat-api dev")
+        first = httpx.post(f"{url}/chat/demo/stream", json={"message": "Hello there"}, timeout=20)
+        assert first.status_code == 200
+        assert first.text == "echo: Hello there [turns=1]"
+        second = httpx.post(f"{url}/chat/demo/stream", json={"message": "again"}, timeout=20)
+        assert second.text == "echo: again [turns=2]"
+        assert (tmp_path / ".chat-api").is_dir()
+    finally:
+        stop_process(proc, grace=10)
+    output = log.read_text()
+    assert f"{url}" in output and "curl" in output
