@@ -22,7 +22,15 @@ class UpstreamEventError(Exception):
 
 
 class ReplyDecoder:
-    __slots__ = ("_cr_pending", "_pending", "done", "input_tokens", "message_id", "output_tokens", "stop_reason")
+    __slots__ = (
+        "_cr_pending",
+        "_pending",
+        "done",
+        "input_tokens",
+        "message_id",
+        "output_tokens",
+        "stop_reason",
+    )
 
     def __init__(self) -> None:
         self._pending = b""

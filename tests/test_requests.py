@@ -18,10 +18,14 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[tuple[httpx.AsyncClient, list[TurnReport]]]:
+async def client(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[tuple[httpx.AsyncClient, list[TurnReport]]]:
     reports: list[TurnReport] = []
     redis = fakeredis.FakeAsyncRedis()
-    settings = make_settings(max_message_chars=100, max_body_bytes=2048, allowed_models="m-1,m-2", model="m-1")
+    settings = make_settings(
+        max_message_chars=100, max_body_bytes=2048, allowed_models="m-1,m-2", model="m-1"
+    )
     app = create_app(settings, on_turn_end=reports.append, redis=redis)
     async with asgi_client(app) as http:
         yield http, reports
@@ -118,7 +122,9 @@ async def test_unknown_paths_and_methods_use_the_error_shape(
     assert_error(await http.get("/chat/stream"), 405, "method_not_allowed")
 
 
-async def test_request_ids_are_echoed_or_generated(client: tuple[httpx.AsyncClient, list[TurnReport]]) -> None:
+async def test_request_ids_are_echoed_or_generated(
+    client: tuple[httpx.AsyncClient, list[TurnReport]],
+) -> None:
     http, reports = client
     response = await http.post("/chat/stream", json={"message": "x"}, headers={"x-request-id": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"
@@ -142,7 +148,10 @@ async def test_sessions_read_delete_and_create(client: tuple[httpx.AsyncClient, 
     assert created.status_code == 201
     session_id = created.json()["session_id"]
     assert len(session_id) >= 22  # at least 128 bits, URL-safe
-    assert (await http.get(f"/chat/{session_id}/messages")).json() == {"session_id": session_id, "messages": []}
+    assert (await http.get(f"/chat/{session_id}/messages")).json() == {
+        "session_id": session_id,
+        "messages": [],
+    }
 
     await http.post(f"/chat/{session_id}/stream", json={"message": "first"})
     history = (await http.get(f"/chat/{session_id}/messages")).json()["messages"]

@@ -24,23 +24,38 @@ def delta(text: str, eol: str = "\n") -> bytes:
 def transcript(texts: list[str], eol: str = "\n") -> bytes:
     start = {
         "type": "message_start",
-        "message": {"id": "msg_1", "usage": {"input_tokens": 7, "cache_read_input_tokens": 3, "output_tokens": 1}},
+        "message": {
+            "id": "msg_1",
+            "usage": {"input_tokens": 7, "cache_read_input_tokens": 3, "output_tokens": 1},
+        },
     }
     parts = [
         event("message_start", start, eol),
-        event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, eol),  # noqa: E501
+        event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            eol,
+        ),
         event("ping", {"type": "ping"}, eol),
         *(delta(text, eol) for text in texts),
         event("future_event", {"type": "future_event", "text": "not reply text"}, eol),
-        event(None, {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "no event line"}}, eol),
+        event(
+            None,
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "no event line"}},
+            eol,
+        ),
         event("content_block_stop", {"type": "content_block_stop", "index": 0}, eol),
-        event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}, eol),  # noqa: E501
+        event(
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}},
+            eol,
+        ),
         event("message_stop", {"type": "message_stop"}, eol),
     ]
     return b"".join(parts)
 
 
-TEXTS = ["Hel", "lo, ", "wörld ", "🙂", " \"quoted\"\n", "end"]
+TEXTS = ["Hel", "lo, ", "wörld ", "🙂", ' "quoted"\n', "end"]
 
 
 @pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"])
@@ -75,7 +90,11 @@ def test_error_event_raises_with_its_type() -> None:
 
 def test_non_text_deltas_are_not_reply_text() -> None:
     decoder = ReplyDecoder()
-    thinking = {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}}
+    thinking = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "thinking_delta", "thinking": "hmm"},
+    }
     assert decoder.feed(event("content_block_delta", thinking) + delta("yes")) == b"yes"
 
 

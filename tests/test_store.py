@@ -26,7 +26,10 @@ async def store(redis_url: str) -> AsyncIterator[SessionStore]:
 
 
 def turn(n: int) -> list[bytes]:
-    return [stored_message(f"u{n}", "user", f"q{n}", 0, 1), stored_message(f"a{n}", "assistant", f"r{n}", 0, 1)]
+    return [
+        stored_message(f"u{n}", "user", f"q{n}", 0, 1),
+        stored_message(f"a{n}", "assistant", f"r{n}", 0, 1),
+    ]
 
 
 def contents(raw: list[bytes] | None) -> list[str]:
@@ -43,7 +46,9 @@ async def test_one_turn_at_a_time_and_the_lock_expires(store: SessionStore, pref
     assert await store.begin(keys, "token-3") is not None
 
 
-async def test_commit_appends_both_messages_and_unlocks(store: SessionStore, prefix: str, rdb: sync_redis.Redis) -> None:
+async def test_commit_appends_both_messages_and_unlocks(
+    store: SessionStore, prefix: str, rdb: sync_redis.Redis
+) -> None:
     keys = session_keys(prefix, "t", "s")
     snapshot = await store.begin(keys, "tok")
     assert snapshot is not None and snapshot.version == 0 and snapshot.messages == []

@@ -94,7 +94,12 @@ def test_one_shot_turns_store_nothing(live_app: StartApp, rdb: sync_redis.Redis,
         ("x @@status=500", {"upstream_max_retries": 0}, 502, "upstream_error"),
         ("x @@status=529", {"upstream_max_retries": 1}, 503, "unavailable"),
         ("x @@status=429 @@retry_after=1", {"upstream_max_retries": 0}, 503, "unavailable"),
-        ("x @@hang_before", {"upstream_timeout_seconds": 0.5, "upstream_max_retries": 0}, 504, "upstream_timeout"),
+        (
+            "x @@hang_before",
+            {"upstream_timeout_seconds": 0.5, "upstream_max_retries": 0},
+            504,
+            "upstream_timeout",
+        ),
         ("x @@error_after=0", {}, 503, "unavailable"),
         ("x @@drop_after=0", {}, 502, "upstream_error"),
     ],
@@ -122,7 +127,9 @@ def test_failures_before_the_first_byte_are_http_errors_and_change_nothing(
     assert reports[1].outcome is Outcome.UPSTREAM_ERROR
 
 
-def test_retryable_upstream_errors_are_retried_before_the_stream(live_app: StartApp, standin: StandInModel) -> None:
+def test_retryable_upstream_errors_are_retried_before_the_stream(
+    live_app: StartApp, standin: StandInModel
+) -> None:
     app = live_app(upstream_max_retries=2)
     seen = len(standin.requests)
     response = app.chat("s", "x @@status=529 @@fail_attempts=2")
@@ -147,7 +154,9 @@ def test_retries_give_up_after_the_configured_count(live_app: StartApp, standin:
     assert len(standin.requests) - seen == 2
 
 
-@pytest.mark.parametrize("fault", ["error_after=2", "drop_after=2", "close_after=2", "eof_after=2", "hang_after=2"])
+@pytest.mark.parametrize(
+    "fault", ["error_after=2", "drop_after=2", "close_after=2", "eof_after=2", "hang_after=2"]
+)
 def test_a_reply_broken_mid_stream_is_cut_short_and_commits_nothing(
     live_app: StartApp, rdb: sync_redis.Redis, prefix: str, fault: str
 ) -> None:
@@ -194,7 +203,9 @@ def test_client_disconnect_closes_the_upstream_and_commits_nothing(
     app.chat("s", "before")
     before = redis_state(rdb, prefix)
     cancelled = standin.streams_cancelled
-    with app.client.stream("POST", "/chat/s/stream", json={"message": "@@deltas=200 @@delay=0.05"}) as response:
+    with app.client.stream(
+        "POST", "/chat/s/stream", json={"message": "@@deltas=200 @@delay=0.05"}
+    ) as response:
         assert response.status_code == 200
         next(response.iter_raw())
     # The client went away after the first chunk of a ten-second reply.
@@ -217,7 +228,9 @@ def test_client_disconnect_before_streaming(
             b"POST /chat/s/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body)
         )
-        wait_until(lambda: standin.streams_started > 0 and standin.active_streams > 0, 2.0, "the upstream call")
+        wait_until(
+            lambda: standin.streams_started > 0 and standin.active_streams > 0, 2.0, "the upstream call"
+        )
     wait_until(lambda: standin.streams_cancelled > cancelled, 2.0, "the upstream stream to be closed")
     reports = app.wait_reports(1)
     assert reports[0].outcome is Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
@@ -283,7 +296,12 @@ def test_stored_history_is_capped(live_app: StartApp) -> None:
     app = live_app(history_max_messages=4)
     for n in range(4):
         app.chat("cap", f"m{n}")
-    assert [m["content"] for m in app.history("cap")] == ["m2", "echo: m2 [turns=3]", "m3", "echo: m3 [turns=3]"]
+    assert [m["content"] for m in app.history("cap")] == [
+        "m2",
+        "echo: m2 [turns=3]",
+        "m3",
+        "echo: m3 [turns=3]",
+    ]
 
 
 def test_a_session_expires_after_its_ttl(live_app: StartApp) -> None:

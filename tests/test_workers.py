@@ -68,7 +68,10 @@ def test_a_worker_killed_mid_stream_commits_nothing(two_workers: list[Worker]) -
     def doomed_turn() -> None:
         try:
             with httpx.stream(
-                "POST", f"{first.url}/chat/crash/stream", json={"message": "@@deltas=100 @@delay=0.05"}, timeout=20
+                "POST",
+                f"{first.url}/chat/crash/stream",
+                json={"message": "@@deltas=100 @@delay=0.05"},
+                timeout=20,
             ) as response:
                 for _ in response.iter_raw():
                     streaming.set()
