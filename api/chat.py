@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from api.config import Settings
 from api.errors import (
     ChatError,
@@ -132,6 +134,8 @@ class Turn:
                     renew_at = loop.time() + renew_every
         except ReplyBroken as exc:
             raise StreamFailed(exc.reason) from exc
+        except RedisError as exc:
+            raise StreamFailed(f"the session store failed: {exc}", Outcome.UNKNOWN_ERROR) from exc
 
     async def commit(self) -> None:
         """Store the user message and the reply together, or raise `StreamFailed` having stored nothing."""
@@ -264,7 +268,8 @@ class ChatService:
                 log.debug("closing the upstream reply failed", exc_info=True)
         if snapshot is not None and snapshot.lock.held:
             try:
-                await snapshot.lock.release()
+                # Shielded: a client leaving mid-cleanup must not leave the session locked for a ttl.
+                await asyncio.shield(snapshot.lock.release())
             except Exception:
                 log.warning("could not release a session lock; it expires on its own", exc_info=True)
 

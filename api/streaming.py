@@ -72,18 +72,23 @@ class TurnResponse(Response):
             await asyncio.sleep(0)  # let a disconnect that already happened be seen before committing
             if self.disconnected:
                 raise asyncio.CancelledError
-            # Commit and unlock before the final chunk: a client that has read the whole reply can
-            # send its next turn at once, to any worker.
-            await turn.commit()
+            # The whole reply is written: from here a disconnect must not interrupt the commit
+            # half-way. Commit and unlock before the final chunk, so a client that has read the
+            # whole reply can send its next turn at once, to any worker.
             self.cancellable = False
+            await turn.commit()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             report.outcome, report.status = Outcome.SUCCESS, 200
         except ChatError as exc:
             self.cancellable = False
-            report.outcome, report.status, report.error_type = exc.outcome, exc.status, exc.type
-            report.detail = exc.message
-            if not self.disconnected:
-                await send_error(send, exc, self.extra_headers)
+            if streaming:  # only reachable through a bug: the status line is gone, so cut the reply
+                report.outcome, report.detail = Outcome.UNKNOWN_ERROR, exc.message
+                abort = True
+            else:
+                report.outcome, report.status, report.error_type = exc.outcome, exc.status, exc.type
+                report.detail = exc.message
+                if not self.disconnected:
+                    await send_error(send, exc, self.extra_headers)
         except StreamFailed as exc:
             report.outcome, report.status, report.detail = exc.outcome, 200, exc.reason
             abort = True

@@ -46,6 +46,14 @@ async def test_one_turn_at_a_time_and_the_lock_expires(store: SessionStore, pref
     assert await store.begin(keys, "token-3") is not None
 
 
+async def test_a_resent_begin_keeps_the_lock_it_took(store: SessionStore, prefix: str) -> None:
+    keys = session_keys(prefix, "t", "s")
+    assert await store.begin(keys, "tok") is not None
+    # The reply to the first send was lost and redis-py sent it again: still ours, not "busy".
+    assert await store.begin(keys, "tok") is not None
+    assert await store.begin(keys, "other") is None
+
+
 async def test_commit_appends_both_messages_and_unlocks(
     store: SessionStore, prefix: str, rdb: sync_redis.Redis
 ) -> None:

@@ -354,3 +354,22 @@ def test_every_request_has_exactly_one_outcome_logged_counted_and_hooked(
     lines = [r for r in caplog.records if r.name == "api.turns"]
     assert [line.turn["outcome"] for line in lines] == [r.outcome.value for r in reports]  # type: ignore[attr-defined]
     assert lines[0].turn["request_id"] == ok.request_id  # type: ignore[attr-defined]
+
+
+def test_pings_unknown_events_and_unicode_pass_through_untouched(live_app: StartApp) -> None:
+    app = live_app()
+    response = app.chat("u", "hi @@pings @@unicode")
+    assert response.text == "echo: hi [turns=1] héllo 世界 🙂"
+    assert app.history("u")[1]["content"] == "echo: hi [turns=1] héllo 世界 🙂"
+
+
+def test_the_lock_is_renewed_while_a_long_reply_streams(live_app: StartApp) -> None:
+    app = live_app(lock_ttl_seconds=0.6)
+    result: dict[str, httpx.Response] = {}
+    thread = threading.Thread(target=lambda: result.update(r=app.chat("long", "@@deltas=20 @@delay=0.1")))
+    thread.start()
+    time.sleep(1.2)  # twice the lock ttl into a two-second reply
+    assert app.chat("long", "intruder").status_code == 409
+    thread.join(10)
+    assert result["r"].status_code == 200
+    assert len(app.history("long")) == 2
