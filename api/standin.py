@@ -128,8 +128,14 @@ _ERROR_TYPES = {
 }
 
 
-@functools.lru_cache(maxsize=8192)
 def _delta_chunk(text: str) -> bytes:
+    if len(text) < 64:  # benchmark replies repeat the same short words; long ones are not worth keeping
+        return _cached_delta_chunk(text)
+    return _chunk(_DELTA_HEAD + orjson.dumps(text) + b"}}\n\n")
+
+
+@functools.lru_cache(maxsize=8192)
+def _cached_delta_chunk(text: str) -> bytes:
     return _chunk(_DELTA_HEAD + orjson.dumps(text) + b"}}\n\n")
 
 
@@ -192,20 +198,16 @@ _DIRECTIVE = re.compile(r"@@([a-z_]+)(?:=(\S*))?")
 
 
 def _directive_value(name: str, raw: str | None) -> object:
-    kind = _KINDS[name]
+    kind, text = _KINDS[name], raw or ""
     if kind is bool and raw in (None, "true", "false"):
         return raw != "false"
-    if (
-        kind is int
-        and raw
-        and raw.isascii()
-        and raw.isdigit()
-        and (name != "status" or 400 <= int(raw) < 600)
-    ):
-        return int(raw)
+    if kind is int and text.isascii() and text.isdigit():
+        number = int(text)
+        if name != "status" or 400 <= number < 600:
+            return number
     if kind is float:
         with contextlib.suppress(ValueError):
-            if 0 <= (seconds := float(raw or "nan")) < math.inf:
+            if 0 <= (seconds := float(text or "nan")) < math.inf:
                 return seconds
     raise _Reject(f"invalid value for @@{name}: {raw!r}")
 
@@ -395,20 +397,17 @@ class _Connection(asyncio.Protocol):
 
     def _process(self) -> None:
         while self._task is None and not self._closing:
+            req = None
             try:
                 req = self._next_request()
-            except _Reject as exc:  # unusable framing: answer and hang up
-                self._error(None, exc.status, str(exc))
-                return
-            if req is None:
-                return
-            try:
+                if req is None:
+                    return
                 work = self._respond(req)
-            except _Reject as exc:
+            except _Reject as exc:  # with req None (unusable framing) the connection is closed after
                 self._error(req, exc.status, str(exc), exc.extra_headers)
                 continue
             except Exception:
-                log.exception("stand-in failed to answer %s %s", req.method, req.path)
+                log.exception("stand-in failed to answer a request")
                 self._error(req, 500, "Internal server error")
                 continue
             if work is not None:
@@ -482,7 +481,9 @@ class _Connection(asyncio.Protocol):
         d = reply.d
         attempt = req.headers.get("x-stainless-retry-count", "")
         if d.status is not None and (
-            d.fail_attempts is None or not attempt.isdigit() or int(attempt) < d.fail_attempts
+            d.fail_attempts is None
+            or not (attempt.isascii() and attempt.isdigit())
+            or int(attempt) < d.fail_attempts
         ):
             extra = "" if d.retry_after is None else f"retry-after: {d.retry_after:g}\r\n"
             if d.should_retry is not None:

@@ -7,21 +7,21 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import anthropic
 import httpx2
 import orjson
 import pytest
-from anthropic.types import MessageParam
+from anthropic.types import Message, MessageParam
 
-from api.standin import StandInModel, StandInThread
+from api.standin import MAX_RECORDED, StandInModel, StandInThread
 
 MODEL = "claude-test"
 
 
 @pytest.fixture
 async def standin() -> AsyncIterator[StandInModel]:
+    """A fresh server per test, so its counters and recorded requests start empty."""
     model = StandInModel()
     await model.start()
     try:
@@ -37,10 +37,16 @@ async def client(standin: StandInModel) -> AsyncIterator[anthropic.AsyncAnthropi
 
 
 def sdk(
-    url: str, *, api_key: str = "test-key", max_retries: int = 0, timeout: Any = 5.0
+    url: str, *, api_key: str = "test-key", max_retries: int = 0, timeout: float | httpx2.Timeout = 5.0
 ) -> anthropic.AsyncAnthropic:
     # A bounded timeout, so a broken server fails a test instead of hanging it.
     return anthropic.AsyncAnthropic(base_url=url, api_key=api_key, max_retries=max_retries, timeout=timeout)
+
+
+def text_of(message: Message) -> str:
+    [block] = message.content
+    assert block.type == "text"
+    return block.text
 
 
 def user(text: str) -> list[MessageParam]:
@@ -56,7 +62,7 @@ async def until(predicate: Callable[[], bool]) -> None:
     raise AssertionError("condition not reached within 2 s")
 
 
-async def stream_text(client: anthropic.AsyncAnthropic, text: str, got: list[str] | None = None) -> Any:
+async def stream_text(client: anthropic.AsyncAnthropic, text: str, got: list[str] | None = None) -> Message:
     """Stream a reply, collecting text deltas into ``got``; return the final message."""
     got = [] if got is None else got
     async with client.messages.stream(model=MODEL, max_tokens=100, messages=user(text)) as stream:
@@ -186,7 +192,7 @@ async def test_server_default_delay() -> None:
 @pytest.mark.anyio
 async def test_many_concurrent_streams(client: anthropic.AsyncAnthropic, standin: StandInModel) -> None:
     finals = await asyncio.gather(*(stream_text(client, f"n{i} @@delay=0.01") for i in range(50)))
-    assert [f.content[0].text for f in finals] == [f"echo: n{i} [turns=1]" for i in range(50)]
+    assert [text_of(f) for f in finals] == [f"echo: n{i} [turns=1]" for i in range(50)]
     assert standin.streams_completed == 50
     assert standin.active_streams == 0
 
@@ -237,17 +243,40 @@ async def test_overloaded_is_retried_then_raised(standin: StandInModel) -> None:
 async def test_fail_attempts_succeeds_on_retry(standin: StandInModel) -> None:
     async with sdk(standin.url, max_retries=2) as client:
         final = await stream_text(client, "hi @@status=529 @@fail_attempts=1 @@retry_after=0.01")
-    assert final.content[0].text == "echo: hi [turns=1]"
+    assert text_of(final) == "echo: hi [turns=1]"
     assert [r.headers["x-stainless-retry-count"] for r in standin.requests] == ["0", "1"]
 
 
 @pytest.mark.anyio
 async def test_retry_after_is_honoured(standin: StandInModel) -> None:
+    # The SDK's own first backoff is 0.375-0.5 s, so both a longer and a shorter wait prove the header is used.
     async with sdk(standin.url, max_retries=1) as client:
         start = time.monotonic()
-        await stream_text(client, "@@status=429 @@fail_attempts=1 @@retry_after=0.3")
-        assert 0.3 <= time.monotonic() - start < 1.5
-    assert len(standin.requests) == 2
+        await stream_text(client, "@@status=429 @@fail_attempts=1 @@retry_after=0.6")
+        assert 0.6 <= time.monotonic() - start < 1.5
+        start = time.monotonic()
+        await stream_text(client, "@@status=503 @@fail_attempts=1 @@retry_after=0.02")
+        assert time.monotonic() - start < 0.3
+    assert len(standin.requests) == 4
+
+
+@pytest.mark.anyio
+async def test_error_response_headers(standin: StandInModel) -> None:
+    body = {
+        "model": MODEL,
+        "max_tokens": 5,
+        "messages": user("@@status=529 @@retry_after=2.5 @@should_retry=false"),
+    }
+    async with httpx2.AsyncClient(base_url=standin.url, timeout=5.0) as raw:
+        response = await raw.post("/v1/messages", json=body, headers={"x-api-key": "k"})
+    assert response.status_code == 529
+    assert response.headers["retry-after"] == "2.5"
+    assert response.headers["x-should-retry"] == "false"
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"},
+        "request_id": response.headers["request-id"],
+    }
 
 
 @pytest.mark.anyio
@@ -444,13 +473,13 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
     if "content-length" in headers:
         return status, headers, await reader.readexactly(int(headers["content-length"]))
-    body = b""
+    chunks: list[bytes] = []
     while True:
         size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
         chunk = await reader.readexactly(size + 2)
         if size == 0:
-            return status, headers, body
-        body += chunk[:-2]
+            return status, headers, b"".join(chunks)
+        chunks.append(chunk[:-2])
 
 
 def raw_request(text: str, *, stream: bool = True) -> bytes:
@@ -512,6 +541,22 @@ async def test_sse_wire_format(standin: StandInModel) -> None:
 
 
 @pytest.mark.anyio
+async def test_error_event_ends_the_body_and_keeps_the_connection(standin: StandInModel) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", standin.port)
+    try:
+        writer.write(raw_request("a b c @@error_after=1") + raw_request("next"))
+        _, _, failed = await read_response(reader)
+        _, _, after = await read_response(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    error = failed.decode().split("\n\n")[-2]
+    assert error.startswith('event: error\ndata: {"type":"error","error":{"type":"overloaded_error"')
+    assert failed.count(b"text_delta") == 1
+    assert after.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+@pytest.mark.anyio
 async def test_connection_close_is_honoured(standin: StandInModel) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", standin.port)
     try:
@@ -526,6 +571,40 @@ async def test_connection_close_is_honoured(standin: StandInModel) -> None:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_slow_reader_gets_the_whole_stream(standin: StandInModel) -> None:
+    # ~12 MB of reply: more than the socket buffers hold, so the server must wait for the reader.
+    word = "x" * 500_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", standin.port)
+    try:
+        writer.write(raw_request(" ".join([word] * 24)))
+        await until(lambda: standin.active_streams == 1)
+        await asyncio.sleep(0.2)
+        _, _, body = await read_response(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert body.count(b"text_delta") == 26
+    assert body.count(word.encode()) == 24
+    assert standin.streams_completed == 1
+
+
+@pytest.mark.anyio
+async def test_count_tokens_honours_status(client: anthropic.AsyncAnthropic) -> None:
+    with pytest.raises(anthropic.RateLimitError):
+        await client.messages.count_tokens(model=MODEL, messages=user("@@status=429"))
+
+
+@pytest.mark.anyio
+async def test_recorded_requests_are_bounded(client: anthropic.AsyncAnthropic, standin: StandInModel) -> None:
+    await client.messages.count_tokens(model=MODEL, messages=user("first"))
+    first = standin.requests[0]
+    standin.requests.extend([first] * (MAX_RECORDED - 1))
+    await client.messages.count_tokens(model=MODEL, messages=user("last"))
+    assert len(standin.requests) == MAX_RECORDED
+    assert standin.requests[-1].body == {"model": MODEL, "messages": user("last")}
 
 
 # --- synchronous use and the command line ------------------------------------------------------------------
@@ -567,3 +646,12 @@ def test_command_line_serves_until_terminated() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_thread_reports_a_failure_to_start() -> None:
+    with (
+        StandInThread() as first,
+        pytest.raises(OSError, match="address already in use"),
+        StandInThread(port=first.port),
+    ):
+        pass
