@@ -43,7 +43,7 @@ async def redis_errors() -> AsyncIterator[None]:
     try:
         yield
     except RedisError as exc:
-        raise StoreUnavailable("the session store is unreachable; try again shortly", retry_after=1) from exc
+        raise StoreUnavailable("the session store is unavailable; try again shortly", retry_after=1) from exc
 
 
 def iso_time(ms: int) -> str:
