@@ -42,6 +42,9 @@ class TurnReport:
         data = asdict(self)
         data.pop("tenant")
         data["outcome"] = self.outcome.value
+        data["duration_seconds"] = round(self.duration_seconds, 4)
+        if self.first_token_seconds is not None:
+            data["first_token_seconds"] = round(self.first_token_seconds, 4)
         return data
 
 
