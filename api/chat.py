@@ -23,6 +23,7 @@ from api.errors import (
     ChatError,
     InvalidRequest,
     NotFound,
+    RateLimited,
     RequestTooLarge,
     SessionBusy,
     StreamFailed,
@@ -33,7 +34,10 @@ from api.errors import (
 from api.history import CommitRefused, SessionStore, Snapshot, stored_message
 from api.keys import SessionKeys, session_keys
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
+from api.ratelimit import Admission, Quota, Ticket
 from api.schemas import ChatRequest
+from api.scripts import ScriptCall, run_together
+from api.slots import GenerationSlots
 from api.upstream import Reply, ReplyBroken, Upstream, UpstreamRequest
 
 log = logging.getLogger("api.chat")
@@ -69,6 +73,28 @@ class TurnRequest:
     tenant: str
     session_id: str | None
     body: ChatRequest
+    subject: str = ""  # whose limits apply; see `api.auth.Caller`
+    quota: Quota | None = None  # the request limit as admission left it, for the response headers
+
+
+@dataclass(slots=True)
+class Hold:
+    """What a turn holds until it ends; `ChatService.release` gives it all back, whatever happened."""
+
+    slot: bool = False  # one of this worker's generation slots
+    ticket: Ticket | None = None  # the caller's stream lease, and the tokens still to charge
+    snapshot: Snapshot | None = None  # the session lock
+    reply: Reply | None = None  # the upstream connection
+    relayed: int = 0  # bytes of reply text written: what a reply that ends early cost, at least
+
+    def tokens(self) -> int:
+        if self.reply is None:
+            return 0
+        decoder = self.reply.decoder
+        output = decoder.output_tokens
+        if not decoder.done:  # the final usage never came; the text sent was paid for all the same
+            output = max(output, (self.relayed + 3) // 4)
+        return decoder.input_tokens + output
 
 
 class Turn:
@@ -80,6 +106,7 @@ class Turn:
         "_service",
         "_started",
         "first",
+        "hold",
         "keys",
         "regenerate",
         "reply",
@@ -92,50 +119,56 @@ class Turn:
         self,
         service: ChatService,
         report: TurnReport,
-        reply: Reply,
+        hold: Hold,
         chunks: AsyncIterator[bytes],
         first: bytes,
         keys: SessionKeys | None,
-        snapshot: Snapshot | None,
         user_text: str,
         regenerate: bool,
         started: float,
     ) -> None:
+        assert hold.reply is not None
         self._service = service
         self.report = report
-        self.reply = reply
+        self.hold = hold
+        self.reply = hold.reply
         self._chunks = chunks
         self.first = first
         self.keys = keys
-        self.snapshot = snapshot
+        self.snapshot = hold.snapshot
         self.user_text = user_text
         self.regenerate = regenerate
-        self._started = started
+        self._started = started  # when the history was read, on this worker's clock
         # Only a session turn needs the text back for its commit.
         self._parts: list[bytes] | None = [first] if keys is not None else None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The rest of the reply. Raises `StreamFailed` if it cannot be completed."""
-        lock = self.snapshot.lock if self.snapshot is not None else None
+        hold = self.hold
+        renews = hold.snapshot is not None or hold.ticket is not None
         parts = self._parts
+        relayed = len(self.first)
         loop = asyncio.get_running_loop()
         renew_every = self._service.lock_renew_seconds
         renew_at = loop.time() + renew_every
         try:
             async for chunk in self._chunks:
+                relayed += len(chunk)
                 if parts is not None:
                     parts.append(chunk)
                 yield chunk
-                if lock is not None and loop.time() >= renew_at:
+                if renews and loop.time() >= renew_at:
                     # Renewing between chunks costs nothing on the hot path; a stall long enough
                     # to miss a renewal is cut by the upstream read timeout anyway.
-                    if not await lock.renew():
+                    if not await self._service.renew(hold):
                         raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
                     renew_at = loop.time() + renew_every
         except ReplyBroken as exc:
             raise StreamFailed(exc.reason) from exc
         except RedisError as exc:
             raise StreamFailed(f"the session store failed: {exc}", Outcome.UNKNOWN_ERROR) from exc
+        finally:
+            hold.relayed = relayed
 
     async def commit(self) -> None:
         """Store the user message and the reply together, or raise `StreamFailed` having stored nothing."""
@@ -155,22 +188,27 @@ class Turn:
             )
         output_tokens = self.reply.decoder.output_tokens or estimate_tokens(reply_text)
         messages.append(stored_message(_message_id(), "assistant", reply_text, reply_ms, output_tokens))
+        # The turn's limits are settled in the commit's round trip: one fewer on every turn.
+        ticket = self.hold.ticket
+        also = [] if ticket is None else [self._service.admission.settle_call(ticket, self.hold.tokens())]
         try:
-            await store.commit(
-                self.keys, snapshot, snapshot.lock.token, messages, replace_last=self.regenerate
+            settled = await store.commit(
+                self.keys, snapshot, snapshot.lock.token, messages, replace_last=self.regenerate, also=also
             )
         except CommitRefused as exc:
             raise StreamFailed(exc.reason, Outcome.UNKNOWN_ERROR) from exc
         except ChatError as exc:
             raise StreamFailed(exc.message, Outcome.UNKNOWN_ERROR) from exc
         self.report.committed = True
+        if ticket is not None and not isinstance(settled[0], Exception):
+            ticket.settled = True
 
     async def close(self) -> None:
         """Give back what the turn holds. Safe to call on every path, once."""
         decoder = self.reply.decoder
         self.report.input_tokens = decoder.input_tokens
         self.report.output_tokens = decoder.output_tokens
-        await self._service.release(self.reply, self.snapshot)
+        await self._service.release(self.hold)
 
 
 class ChatService:
@@ -180,11 +218,15 @@ class ChatService:
         store: SessionStore,
         upstream: Upstream,
         recorder: OutcomeRecorder,
+        admission: Admission,
+        slots: GenerationSlots | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.upstream = upstream
         self.recorder = recorder
+        self.admission = admission
+        self.slots = slots
         self.lock_renew_seconds = settings.lock_ttl_seconds / 3
 
     def keys(self, tenant: str, session_id: str) -> SessionKeys:
@@ -222,15 +264,17 @@ class ChatService:
         if body.regenerate and keys is None:
             raise InvalidRequest("there is nothing to regenerate without a session")
 
-        snapshot: Snapshot | None = None
-        reply: Reply | None = None
+        hold = Hold()
         try:
+            await self._admit(request, hold)
             history: list[dict[str, Any]] = []
+            begun = started
             if keys is not None:
-                snapshot = await self.store.begin(keys, secrets.token_hex(16))
-                if snapshot is None:
+                hold.snapshot = await self.store.begin(keys, secrets.token_hex(16))
+                if hold.snapshot is None:
                     raise SessionBusy("another turn of this session is in progress; retry when it ends")
-                history = snapshot.messages
+                begun = time.monotonic()
+                history = hold.snapshot.messages
             user_text = body.message or ""
             if body.regenerate:
                 if len(history) < 2 or history[-1]["role"] != "assistant" or history[-2]["role"] != "user":
@@ -241,37 +285,85 @@ class ChatService:
             upstream_request.messages = build_context(history, user_text, budget)
 
             async with asyncio.timeout(self.settings.upstream_timeout_seconds):
-                reply = await self.upstream.open(upstream_request)
-                report.upstream_request_id = reply.request_id
-                chunks = reply.chunks()
+                hold.reply = await self.upstream.open(upstream_request)
+                report.upstream_request_id = hold.reply.request_id
+                chunks = hold.reply.chunks()
                 first = await _first_chunk(chunks)
+            hold.relayed = len(first)
             report.first_token_seconds = time.monotonic() - started
-            return Turn(
-                self, report, reply, chunks, first, keys, snapshot, user_text, body.regenerate, started
-            )
+            return Turn(self, report, hold, chunks, first, keys, user_text, body.regenerate, begun)
         except TimeoutError as exc:
-            await self.release(reply, snapshot)
+            await self.release(hold)
             raise UpstreamTimeout("Claude sent nothing in time") from exc
         except BaseException:
-            if reply is not None:
-                report.input_tokens = reply.decoder.input_tokens
-                report.output_tokens = reply.decoder.output_tokens
-            await self.release(reply, snapshot)
+            if hold.reply is not None:
+                report.input_tokens = hold.reply.decoder.input_tokens
+                report.output_tokens = hold.reply.decoder.output_tokens
+            await self.release(hold)
             raise
 
-    async def release(self, reply: Reply | None, snapshot: Snapshot | None) -> None:
-        # Both steps must run even if the other fails; a lock we cannot release expires on its own.
-        if reply is not None:
-            try:
-                await reply.close()
-            except Exception:
-                log.debug("closing the upstream reply failed", exc_info=True)
-        if snapshot is not None and snapshot.lock.held:
-            try:
-                # Shielded: a client leaving mid-cleanup must not leave the session locked for a ttl.
-                await asyncio.shield(snapshot.lock.release())
-            except Exception:
-                log.warning("could not release a session lock; it expires on its own", exc_info=True)
+    async def _admit(self, request: TurnRequest, hold: Hold) -> None:
+        # The worker's slot comes first: a request waiting for one has not yet used any of its limits.
+        if self.slots is not None:
+            await self.slots.take()
+            hold.slot = True
+        decision = await self.admission.admit(request.subject)
+        request.quota = decision.quota
+        if not decision.allowed:
+            raise RateLimited(decision.message, retry_after=decision.retry_after)
+        hold.ticket = decision.ticket
+
+    async def quota(self, subject: str) -> Quota | None:
+        """The request limit as it stands, for a response refused before admission; None if unknown."""
+        try:
+            return await self.admission.peek(subject)
+        except Exception:
+            log.debug("could not read the limits for a refused request", exc_info=True)
+            return None
+
+    async def renew(self, hold: Hold) -> bool:
+        """Extend the session lock and the stream lease together; False if the lock was lost."""
+        calls: list[ScriptCall] = []
+        lock = hold.snapshot.lock if hold.snapshot is not None else None
+        if lock is not None:
+            calls.append(lock.renew_call())
+        if hold.ticket is not None:
+            calls.append(self.admission.renew_call(hold.ticket))
+        results = await run_together(self.store.redis, calls)
+        if lock is None:
+            return True
+        lock.held = results[0] == 1
+        return lock.held
+
+    async def release(self, hold: Hold) -> None:
+        # Every step runs even if another fails; a lock or a lease we cannot give back expires on its own.
+        try:
+            if hold.reply is not None:
+                try:
+                    await hold.reply.close()
+                except Exception:
+                    log.debug("closing the upstream reply failed", exc_info=True)
+        finally:
+            if hold.slot and self.slots is not None:
+                hold.slot = False
+                self.slots.give_back()
+        calls: list[ScriptCall] = []
+        if hold.snapshot is not None and hold.snapshot.lock.held:
+            calls.append(hold.snapshot.lock.release_call())
+        if hold.ticket is not None and not hold.ticket.settled:
+            hold.ticket.settled = True
+            calls.append(self.admission.settle_call(hold.ticket, hold.tokens()))
+        if not calls:
+            return
+        try:
+            # Shielded: a client leaving mid-cleanup must not leave the session locked for a ttl.
+            results = await asyncio.shield(run_together(self.store.redis, calls))
+        except Exception:
+            log.warning("could not release a turn's lock or lease; they expire on their own", exc_info=True)
+            return
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("could not release a turn's lock or lease: %s", result)
 
     async def finish(self, report: TurnReport) -> None:
         await self.recorder.record(report)

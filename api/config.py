@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from ipaddress import ip_network
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -14,6 +15,7 @@ DEFAULT_MODEL = "claude-sonnet-4-6"
 _SECRETS_DIR = "/run/secrets" if os.path.isdir("/run/secrets") else None
 
 CommaList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -61,13 +63,15 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(10_000, ge=1)
 
     # Admission control.
-    api_keys: CommaList = Field(default_factory=list)
+    # Secret, so that printing the settings never shows a key.
+    api_keys: SecretList = Field(default_factory=list)
     trusted_proxies: CommaList = Field(default_factory=list)
-    rate_limit_requests: int = Field(0, ge=0)
-    rate_limit_tokens: int = Field(0, ge=0)
+    # Bounded so that a bucket's arithmetic in Lua stays exact (doubles hold integers up to 2**53).
+    rate_limit_requests: int = Field(0, ge=0, le=1_000_000)
+    rate_limit_tokens: int = Field(0, ge=0, le=1_000_000_000)
     rate_limit_concurrent: int = Field(0, ge=0)
     worker_max_streams: int = Field(0, ge=0)
-    worker_queue_seconds: float = Field(0.0, ge=0)
+    worker_queue_seconds: float = Field(0.0, ge=0, le=3600)
 
     # Serving.
     host: str = "127.0.0.1"
@@ -86,15 +90,29 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _check_keys(cls, keys: list[str]) -> list[str]:
-        for key in keys:
+    def _check_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for secret in keys:
+            key = secret.get_secret_value()
             if key.startswith("sha256:"):
                 digest = key.removeprefix("sha256:")
                 if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
                     raise ValueError("a sha256: entry needs 64 hex digits")
             elif len(key) < 16:
                 raise ValueError("every key needs at least 16 characters")
+            elif any(not " " < c < "\x7f" for c in key):
+                # A key is sent in a header: anything but printable ASCII would not arrive as configured.
+                raise ValueError("a key may hold only printable ASCII characters, without spaces")
         return keys
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network (CIDR)") from None
+        return proxies
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -6,7 +6,7 @@ session's history splices stored bytes into the response without decoding them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from api.errors import StoreUnavailable
 from api.keys import SessionKeys
 from api.locks import SessionLock
-from api.scripts import Scripts
+from api.scripts import ScriptCall, Scripts, run_together
 
 
 @dataclass(slots=True)
@@ -89,8 +89,13 @@ class SessionStore:
         messages: list[bytes],
         *,
         replace_last: bool,
-    ) -> None:
-        """Append the turn and release the lock, or raise `CommitRefused` and write nothing."""
+        also: Sequence[ScriptCall] = (),
+    ) -> list[Any]:
+        """Append the turn and release the lock, or raise `CommitRefused` and write nothing.
+
+        `also` runs in the same round trip, whatever the commit's fate; their results (a script's
+        error in its place) are returned when the commit succeeds.
+        """
         args: list[str | bytes | int] = [
             snapshot.lock.token,
             snapshot.version,
@@ -100,12 +105,17 @@ class SessionStore:
             "1" if replace_last else "0",
             *messages,
         ]
+        commit = ScriptCall(self.scripts.commit_turn, keys.all(), args)
         async with redis_errors():
-            result = await self.scripts.commit_turn(keys=keys.all(), args=args)
-        if result == 1:
+            results = await run_together(self.redis, [commit, *also])
+            if isinstance(results[0], RedisError):
+                raise results[0]
+        if results[0] == 1:
             snapshot.lock.held = False
-            return
-        raise CommitRefused("the session's lock was lost" if result == 0 else "the history changed meanwhile")
+            return results[1:]
+        raise CommitRefused(
+            "the session's lock was lost" if results[0] == 0 else "the history changed meanwhile"
+        )
 
     async def create(self, keys: SessionKeys) -> bool:
         async with redis_errors():

@@ -19,14 +19,17 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import Authenticator
 from api.chat import ChatService
 from api.config import Settings
 from api.errors import ChatError, ValidationFailed
 from api.history import SessionStore
 from api.logs import configure_logging, quiet_aborted_streams
 from api.outcomes import OutcomeRecorder, TurnHook
+from api.ratelimit import Admission
 from api.routes import error_response, json_error, router
 from api.scripts import Scripts
+from api.slots import GenerationSlots
 from api.state import AppState
 from api.upstream import Upstream
 
@@ -45,6 +48,7 @@ def create_app(
     """Build the app. `redis` lets a test hand in its own client (which it then closes itself)."""
     settings = settings or Settings()
     recorder = OutcomeRecorder(on_turn_end)
+    auth = Authenticator([key.get_secret_value() for key in settings.api_keys], settings.trusted_proxies)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -59,7 +63,14 @@ def create_app(
             lock_ttl=settings.lock_ttl_seconds,
         )
         upstream = Upstream(settings)
-        state = AppState(settings, client, ChatService(settings, store, upstream, recorder))
+        admission = Admission(client, scripts, settings)
+        slots = (
+            GenerationSlots(settings.worker_max_streams, settings.worker_queue_seconds)
+            if settings.worker_max_streams
+            else None
+        )
+        chat = ChatService(settings, store, upstream, recorder, admission, slots)
+        state = AppState(settings, client, chat, auth)
         app.state.current = state
         try:
             yield {"app": state}

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
+from api.auth import Caller
 from api.chat import ChatService, TurnRequest
-from api.errors import ChatError, RequestTooLarge, Unavailable, ValidationFailed, error_body
+from api.errors import (
+    AuthenticationFailed,
+    ChatError,
+    RequestTooLarge,
+    Unavailable,
+    ValidationFailed,
+    error_body,
+)
 from api.outcomes import TurnReport
 from api.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
 from api.state import AppState
 from api.streaming import TurnResponse
-
-PUBLIC_TENANT = "public"
 
 
 def app_state(request: Request) -> AppState:
@@ -28,8 +37,33 @@ def chat_service(request: Request) -> ChatService:
     return app_state(request).chat
 
 
-def tenant(request: Request) -> str:
-    return PUBLIC_TENANT
+_bearer = HTTPBearer(
+    auto_error=False, description="An API key from CHAT_API_KEYS (needed when any is configured)"
+)
+_api_key = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="The same key, for clients that cannot send Bearer"
+)
+
+
+def presented_key(
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> str | None:
+    # When both are sent, Authorization wins, as it does at most gateways.
+    return bearer.credentials if bearer is not None else api_key
+
+
+KeyDep = Annotated[str | None, Depends(presented_key)]
+
+
+def identify(request: Request, key: str | None) -> Caller:
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for")) or None
+    peer = request.client.host if request.client is not None else None
+    return app_state(request).auth.identify(key, peer, forwarded)
+
+
+def caller(request: Request, key: KeyDep) -> Caller:
+    return identify(request, key)
 
 
 def request_id(request: Request) -> str:
@@ -39,7 +73,7 @@ def request_id(request: Request) -> str:
 
 StateDep = Annotated[AppState, Depends(app_state)]
 ChatDep = Annotated[ChatService, Depends(chat_service)]
-TenantDep = Annotated[str, Depends(tenant)]
+CallerDep = Annotated[Caller, Depends(caller)]
 RequestIdDep = Annotated[str, Depends(request_id)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -77,8 +111,8 @@ router = APIRouter()
     openapi_extra=_CHAT_BODY,
     summary="One-shot turn, no history",
 )
-async def chat_stream(request: Request, chat: ChatDep, tenant: TenantDep, rid: RequestIdDep) -> Response:
-    return await _turn(request, chat, tenant, rid, None)
+async def chat_stream(request: Request, chat: ChatDep, key: KeyDep, rid: RequestIdDep) -> Response:
+    return await _turn(request, chat, key, rid, None)
 
 
 @router.post(
@@ -89,9 +123,9 @@ async def chat_stream(request: Request, chat: ChatDep, tenant: TenantDep, rid: R
     summary="One turn of a conversation; the session is created on first use",
 )
 async def chat_session_stream(
-    session_id: str, request: Request, chat: ChatDep, tenant: TenantDep, rid: RequestIdDep
+    session_id: str, request: Request, chat: ChatDep, key: KeyDep, rid: RequestIdDep
 ) -> Response:
-    return await _turn(request, chat, tenant, rid, session_id)
+    return await _turn(request, chat, key, rid, session_id)
 
 
 @router.get(
@@ -100,24 +134,24 @@ async def chat_session_stream(
     responses=_ERRORS,
     summary="The stored history, oldest first",
 )
-async def session_messages(session_id: str, chat: ChatDep, tenant: TenantDep) -> Response:
-    messages = await chat.history(tenant, session_id)
+async def session_messages(session_id: str, chat: ChatDep, caller: CallerDep) -> Response:
+    messages = await chat.history(caller.tenant, session_id)
     # The stored messages are already JSON: splice them rather than decode and re-encode.
     body = b'{"session_id":%s,"messages":[%s]}' % (orjson.dumps(session_id), b",".join(messages))
     return Response(body, media_type="application/json")
 
 
 @router.delete("/chat/{session_id}", status_code=204, responses=_ERRORS, summary="Forget a session")
-async def delete_session(session_id: str, chat: ChatDep, tenant: TenantDep) -> Response:
-    await chat.delete(tenant, session_id)
+async def delete_session(session_id: str, chat: ChatDep, caller: CallerDep) -> Response:
+    await chat.delete(caller.tenant, session_id)
     return Response(status_code=204)
 
 
 @router.post(
     "/sessions", status_code=201, response_model=NewSession, responses=_ERRORS, summary="A new session id"
 )
-async def new_session(chat: ChatDep, tenant: TenantDep) -> Response:
-    session_id = await chat.create_session(tenant)
+async def new_session(chat: ChatDep, caller: CallerDep) -> Response:
+    session_id = await chat.create_session(caller.tenant)
     return Response(orjson.dumps({"session_id": session_id}), status_code=201, media_type="application/json")
 
 
@@ -139,10 +173,13 @@ async def readyz(state: StateDep) -> Response:
 
 
 async def _turn(
-    request: Request, chat: ChatService, tenant: str, rid: str, session_id: str | None
+    request: Request, chat: ChatService, key: str | None, rid: str, session_id: str | None
 ) -> Response:
-    report = TurnReport(request_id=rid, session_id=session_id, tenant=tenant)
+    report = TurnReport(request_id=rid, session_id=session_id)
+    who: Caller | None = None
     try:
+        who = identify(request, key)
+        report.tenant = who.tenant
         body = await read_chat_body(request, chat.settings.max_body_bytes)
     except ChatError as exc:
         report.outcome, report.status, report.error_type, report.detail = (
@@ -151,12 +188,13 @@ async def _turn(
             exc.type,
             exc.message,
         )
+        quota = await chat.quota(who.subject) if who is not None else None
         await chat.finish(report)
-        raise
+        return json_error(exc, rid, quota.headers() if quota is not None else ())
     headers = [(b"x-request-id", rid.encode())]
     if session_id is not None:
         headers.append((b"x-session-id", session_id.encode()))
-    return TurnResponse(chat, TurnRequest(tenant, session_id, body), report, headers)
+    return TurnResponse(chat, TurnRequest(who.tenant, session_id, body, who.subject), report, headers)
 
 
 async def read_chat_body(request: Request, limit: int) -> ChatRequest:
@@ -191,8 +229,17 @@ def describe_validation(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def json_error(error: ChatError, rid: str | None) -> Response:
-    return error_response(error.status, error.type, error.message, rid, error.retry_after)
+def json_error(error: ChatError, rid: str | None, extra: Iterable[tuple[bytes, bytes]] = ()) -> Response:
+    response = error_response(error.status, error.type, error.message, rid, error.retry_after)
+    response.raw_headers.extend(error_headers(error))
+    response.raw_headers.extend(extra)
+    return response
+
+
+def error_headers(error: ChatError) -> list[tuple[bytes, bytes]]:
+    if isinstance(error, AuthenticationFailed):
+        return [(b"www-authenticate", b"Bearer")]
+    return []
 
 
 def error_response(
@@ -200,5 +247,5 @@ def error_response(
 ) -> Response:
     headers = {"x-request-id": rid} if rid else {}
     if retry_after is not None:
-        headers["retry-after"] = str(max(1, round(retry_after)))
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
     return Response(error_body(type_, message), status, headers, "application/json")

@@ -1,16 +1,21 @@
 """The Lua scripts shipped in `api/lua/`, registered on a client and run by SHA.
 
 redis-py's `AsyncScript` sends EVALSHA and, on NOSCRIPT (a fresh or restarted Redis), loads the
-source and retries, so a Redis restart needs nothing from us.
+source and retries, so a Redis restart needs nothing from us. `run_together` keeps that promise for
+several scripts sent in one round trip.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
+from redis.typing import EncodableT
 
 
 def script_source(name: str) -> str:
@@ -24,7 +29,46 @@ class Scripts:
     release_lock: AsyncScript
     renew_lock: AsyncScript
     create_session: AsyncScript
+    admit: AsyncScript
+    settle: AsyncScript
+    renew_lease: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
         return cls(**{name: redis.register_script(script_source(name)) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    script: AsyncScript
+    keys: Sequence[str]
+    args: Sequence[EncodableT]
+
+    async def run(self) -> Any:
+        return await self.script(keys=self.keys, args=self.args)
+
+
+async def run_together(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Run scripts in one round trip: a pipeline, not a transaction, as each script is atomic on its own.
+
+    A script's own error comes back in its place in the list, so one failing does not hide that the
+    others ran; a connection error raises. (A Script object in a pipeline would check SCRIPT EXISTS
+    first, a round trip more; a NOSCRIPT reply is rare enough to pay for when it happens.)
+    """
+    if len(calls) == 1:
+        return [await _run_one(calls[0])]
+    async with redis.pipeline(transaction=False) as pipe:
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+    for index, result in enumerate(results):
+        if isinstance(result, NoScriptError):
+            results[index] = await _run_one(calls[index])
+    return results
+
+
+async def _run_one(call: ScriptCall) -> Any:
+    try:
+        return await call.run()
+    except ResponseError as exc:  # the script's own error (AsyncScript already dealt with NOSCRIPT)
+        return exc

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from api.auth import Authenticator
 from api.chat import ChatService
 from api.config import Settings
 
@@ -15,4 +16,5 @@ class AppState:
     settings: Settings
     redis: Redis
     chat: ChatService
+    auth: Authenticator
     draining: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from api.chat import ChatService, Turn, TurnRequest
-from api.errors import ChatError, StreamFailed
+from api.errors import ChatError, StoreUnavailable, StreamFailed
 from api.outcomes import Outcome, TurnReport
 
 log = logging.getLogger("api.chat")
@@ -62,9 +63,10 @@ class TurnResponse(Response):
         abort = False
         try:
             turn = await self.service.open_turn(self.request, report)
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": self.extra_headers + STREAM_HEADERS}
-            )
+            headers = self.extra_headers + STREAM_HEADERS
+            if self.request.quota is not None:
+                headers += self.request.quota.headers()
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             streaming = True
             await send({"type": "http.response.body", "body": turn.first, "more_body": True})
             async for chunk in turn.chunks():
@@ -88,7 +90,7 @@ class TurnResponse(Response):
                 report.outcome, report.status, report.error_type = exc.outcome, exc.status, exc.type
                 report.detail = exc.message
                 if not self.disconnected:
-                    await send_error(send, exc, self.extra_headers)
+                    await send_error(send, exc, self.extra_headers + await self._quota_headers(exc))
         except StreamFailed as exc:
             report.outcome, report.status, report.detail = exc.outcome, 200, exc.reason
             abort = True
@@ -119,6 +121,13 @@ class TurnResponse(Response):
         if abort:
             raise StreamAborted(report.detail)
 
+    async def _quota_headers(self, error: ChatError) -> list[tuple[bytes, bytes]]:
+        quota = self.request.quota
+        # Refused before admission took its look: look now, unless Redis is what failed.
+        if quota is None and self.request.subject and not isinstance(error, StoreUnavailable):
+            quota = await self.service.quota(self.request.subject)
+        return quota.headers() if quota is not None else []
+
     async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         """Cancel the turn as soon as the client goes away, so the upstream stream closes at once."""
         while True:
@@ -134,7 +143,7 @@ async def send_error(send: Send, error: ChatError, headers: list[tuple[bytes, by
     body = error.body()
     extra = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.retry_after is not None:
-        extra.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+        extra.append((b"retry-after", b"%d" % max(1, math.ceil(error.retry_after))))
     start: Message = {"type": "http.response.start", "status": error.status, "headers": headers + extra}
     await send(start)
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,100 @@
+"""Who is calling: an API key checked in constant time or, when the API is open, the client's address.
+
+A key is never kept, logged or stored. Only its SHA-256 digest is held in memory, and the tenant that
+names its sessions and limits in Redis is a further, separately salted digest of that, so nothing in
+Redis can be replayed as a key or looked up against a list of configured digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+
+from api.errors import AuthenticationFailed
+
+# Sessions of an open API (no keys configured) all belong to one tenant: there is nobody to tell apart.
+PUBLIC_TENANT = "public"
+_TENANT_SALT = b"redis-chat-api tenant\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    tenant: str  # whose sessions these are
+    subject: str  # whose limits apply: the key's tenant, or the client's address on an open API
+
+
+def key_digest(entry: str) -> bytes:
+    """The SHA-256 digest a `CHAT_API_KEYS` entry stands for: a plain key, or `sha256:<hex>` of one."""
+    if entry.startswith("sha256:"):
+        return bytes.fromhex(entry.removeprefix("sha256:"))
+    return hashlib.sha256(entry.encode()).digest()
+
+
+def tenant_of(digest: bytes) -> str:
+    return hashlib.sha256(_TENANT_SALT + digest).hexdigest()[:24]
+
+
+class Authenticator:
+    def __init__(self, keys: Sequence[str], trusted_proxies: Sequence[str] = ()) -> None:
+        self._tenants = {key_digest(entry): "" for entry in keys}
+        for digest in self._tenants:
+            self._tenants[digest] = tenant_of(digest)
+        self._proxies: list[IPv4Network | IPv6Network] = [
+            ip_network(proxy, strict=False) for proxy in trusted_proxies
+        ]
+
+    @property
+    def open(self) -> bool:
+        return not self._tenants
+
+    def identify(self, key: str | None, peer: str | None, forwarded_for: str | None) -> Caller:
+        """The caller of a request, or `AuthenticationFailed`. `key` is the header value as Starlette
+        decoded it (latin-1), so its bytes are exactly the bytes that were sent."""
+        if self.open:
+            return Caller(PUBLIC_TENANT, "a." + self.client_address(peer, forwarded_for))
+        if not key:
+            raise AuthenticationFailed(
+                "an API key is required: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            )
+        presented = hashlib.sha256(key.encode("latin-1")).digest()
+        found: bytes | None = None
+        # Every digest is compared, so the time taken does not depend on which key matched, or where.
+        for digest in self._tenants:
+            if hmac.compare_digest(presented, digest):
+                found = digest
+        if found is None:
+            raise AuthenticationFailed("the API key is not valid")
+        return Caller(self._tenants[found], self._tenants[found])
+
+    def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
+        """The socket's peer, or, when that peer is a trusted proxy, the nearest untrusted address it
+        forwarded for. Entries left of that one were written by the client and prove nothing."""
+        address = _normal(peer)
+        if address is None:
+            return "unknown"
+        if not forwarded_for or not self._trusted(address):
+            return address
+        for hop in reversed(forwarded_for.split(",")):
+            forwarded = _normal(hop.strip())
+            if forwarded is None:
+                break  # a hop the proxy did not write: stop at the last address we can vouch for
+            address = forwarded
+            if not self._trusted(forwarded):
+                break
+        return address
+
+    def _trusted(self, address: str) -> bool:
+        parsed = ip_address(address)
+        return any(parsed in network for network in self._proxies)
+
+
+def _normal(text: str | None) -> str | None:
+    if not text:
+        return None
+    try:
+        return str(ip_address(text))
+    except ValueError:
+        return None

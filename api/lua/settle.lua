@@ -1,0 +1,27 @@
+-- End an admitted request: give back its stream lease and charge the tokens its turn used. Only the
+-- call that removes the lease charges, so a re-sent settle (redis-py retries after a timeout) charges
+-- nothing more.
+-- KEYS[1] limits hash (see admit.lua), KEYS[2] stream leases
+-- ARGV[1] lease id
+-- ARGV[2] tokens the turn used
+-- ARGV[3] tokens per window (0: no limit)
+-- ARGV[4] window in ms
+-- returns 1 if settled now, 0 if it was settled before (or its lease had expired)
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
+local tokens, limit, window = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if tokens > 0 and limit > 0 then
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  local state = redis.call('HMGET', KEYS[1], 'tok', 'tok_at')
+  local level = 0
+  if state[1] then
+    level = math.max(0, tonumber(state[1]) - math.max(0, now - tonumber(state[2])) * limit)
+  end
+  level = level + tokens * window
+  redis.call('HSET', KEYS[1], 'tok', string.format('%.0f', level), 'tok_at', now)
+  local ttl = redis.call('PTTL', KEYS[1])
+  redis.call('PEXPIRE', KEYS[1], math.max(ttl, math.ceil(level / limit) + 1000))
+end
+return 1

@@ -1,0 +1,137 @@
+"""Each caller's limits, shared by every worker: requests and tokens per minute, streams at once.
+
+Admission is one script (`admit.lua`), so one round trip, on Redis's clock; it checks every limit and
+takes from them only if all allow the request, so concurrent requests on any number of workers can
+never overshoot. An admitted request holds a lease until `settle.lua` gives it back and charges the
+tokens its turn used; the lease expires on its own if its worker dies.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from redis.typing import EncodableT
+
+from api.config import Settings
+from api.errors import StoreUnavailable
+from api.keys import tenant_key
+from api.scripts import ScriptCall, Scripts
+
+WINDOW_MS = 60_000
+
+_MESSAGES = {
+    "requests": "over the limit of {limit} requests per minute; retry after Retry-After seconds",
+    "tokens": "over the limit of {limit} tokens per minute; retry after Retry-After seconds",
+    "streams": "over the limit of {limit} replies streaming at once; retry when one ends",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The request limit as the caller sees it, for the RateLimit-* headers."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"ratelimit-limit", b"%d" % self.limit),
+            (b"ratelimit-remaining", b"%d" % self.remaining),
+            (b"ratelimit-reset", b"%d" % self.reset_seconds),
+        ]
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request's hold on its caller's limits: a stream lease, and tokens still to charge."""
+
+    keys: tuple[str, str]
+    lease: str
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    ticket: Ticket | None = None  # None when refused, or when no limit is configured
+    quota: Quota | None = None  # None without a request limit
+    message: str = ""
+    retry_after: float = 0.0
+
+
+class Admission:
+    def __init__(self, redis: Redis, scripts: Scripts, settings: Settings) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.prefix = settings.redis_prefix
+        self.requests = settings.rate_limit_requests
+        self.tokens = settings.rate_limit_tokens
+        self.streams = settings.rate_limit_concurrent
+        self.lease_ttl_ms = max(1, int(settings.lock_ttl_seconds * 1000))
+        self.enabled = bool(self.requests or self.tokens or self.streams)
+
+    def keys(self, subject: str) -> tuple[str, str]:
+        return (tenant_key(self.prefix, subject, "limits"), tenant_key(self.prefix, subject, "streams"))
+
+    async def admit(self, subject: str) -> Decision:
+        """Check and take every limit at once; a refused request takes nothing."""
+        if not self.enabled:
+            return Decision(True)
+        keys = self.keys(subject)
+        lease = secrets.token_hex(12)
+        reply = await self._run(keys, "1", lease)
+        quota = self._quota(reply)
+        if reply[0] == 1:
+            return Decision(True, Ticket(keys, lease), quota)
+        refused_by = _text(reply[1])
+        limit = {"requests": self.requests, "tokens": self.tokens}.get(refused_by, self.streams)
+        message = _MESSAGES[refused_by].format(limit=limit)
+        return Decision(False, None, quota, message, max(1, math.ceil(int(reply[2]) / 1000)))
+
+    async def peek(self, subject: str) -> Quota | None:
+        """The request limit as it stands, taking nothing: for responses refused before admission."""
+        if not self.requests:
+            return None
+        return self._quota(await self._run(self.keys(subject), "0", ""))
+
+    def settle_call(self, ticket: Ticket, tokens: int) -> ScriptCall:
+        return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, tokens, self.tokens, WINDOW_MS])
+
+    def renew_call(self, ticket: Ticket) -> ScriptCall:
+        return ScriptCall(self.scripts.renew_lease, ticket.keys[1:], [ticket.lease, self.lease_ttl_ms])
+
+    async def _run(self, keys: tuple[str, str], take: str, lease: str) -> list[Any]:
+        args: list[EncodableT] = [
+            take,
+            lease,
+            self.requests,
+            self.tokens,
+            self.streams,
+            self.lease_ttl_ms,
+            WINDOW_MS,
+        ]
+        try:
+            reply: list[Any] = await self.scripts.admit(keys=keys, args=args)
+        except RedisError as exc:
+            # Refusing is the safe side: letting requests through unchecked would hand out Claude's
+            # capacity (and its bill) without any of the limits this deployment asked for.
+            raise StoreUnavailable(
+                "the limits cannot be checked now; try again shortly", retry_after=1
+            ) from exc
+        return reply
+
+    def _quota(self, reply: list[Any]) -> Quota | None:
+        remaining = int(reply[3])
+        if remaining < 0:
+            return None
+        return Quota(self.requests, remaining, math.ceil(int(reply[4]) / 1000))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
