@@ -8,12 +8,12 @@ from collections.abc import Iterable
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
 from api.auth import Caller
-from api.chat import ChatService, TurnRequest
+from api.chat import SESSION_ID, ChatService, TurnRequest
 from api.errors import (
     AuthenticationFailed,
     ChatError,
@@ -74,6 +74,14 @@ def request_id(request: Request) -> str:
 StateDep = Annotated[AppState, Depends(app_state)]
 ChatDep = Annotated[ChatService, Depends(chat_service)]
 CallerDep = Annotated[Caller, Depends(caller)]
+# Documented, not enforced here: the chat service refuses a bad id with the 400 the API promises.
+SessionIdPath = Annotated[
+    str,
+    Path(
+        description="1-128 characters of A-Z, a-z, 0-9, '_' or '-'",
+        json_schema_extra={"pattern": f"^{SESSION_ID.pattern}$"},
+    ),
+]
 RequestIdDep = Annotated[str, Depends(request_id)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -123,7 +131,7 @@ async def chat_stream(request: Request, chat: ChatDep, key: KeyDep, rid: Request
     summary="One turn of a conversation; the session is created on first use",
 )
 async def chat_session_stream(
-    session_id: str, request: Request, chat: ChatDep, key: KeyDep, rid: RequestIdDep
+    session_id: SessionIdPath, request: Request, chat: ChatDep, key: KeyDep, rid: RequestIdDep
 ) -> Response:
     return await _turn(request, chat, key, rid, session_id)
 
@@ -134,7 +142,7 @@ async def chat_session_stream(
     responses=_ERRORS,
     summary="The stored history, oldest first",
 )
-async def session_messages(session_id: str, chat: ChatDep, caller: CallerDep) -> Response:
+async def session_messages(session_id: SessionIdPath, chat: ChatDep, caller: CallerDep) -> Response:
     messages = await chat.history(caller.tenant, session_id)
     # The stored messages are already JSON: splice them rather than decode and re-encode.
     body = b'{"session_id":%s,"messages":[%s]}' % (orjson.dumps(session_id), b",".join(messages))
@@ -142,7 +150,7 @@ async def session_messages(session_id: str, chat: ChatDep, caller: CallerDep) ->
 
 
 @router.delete("/chat/{session_id}", status_code=204, responses=_ERRORS, summary="Forget a session")
-async def delete_session(session_id: str, chat: ChatDep, caller: CallerDep) -> Response:
+async def delete_session(session_id: SessionIdPath, chat: ChatDep, caller: CallerDep) -> Response:
     await chat.delete(caller.tenant, session_id)
     return Response(status_code=204)
 

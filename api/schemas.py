@@ -13,12 +13,18 @@ class ChatRequest(BaseModel):
         None,
         validation_alias=AliasChoices("message", "user_input"),
         description="The user's message (alias: user_input). Omit it when regenerating.",
+        json_schema_extra={"minLength": 1},
     )
     regenerate: bool = Field(False, description="Ask again for the session's last user message.")
     system: str | None = Field(None, description="A system prompt for this turn.")
     model: str | None = Field(None, description="One of the allowed models; the default when omitted.")
-    max_tokens: int | None = Field(None, description="1 up to the configured limit.")
-    temperature: float | None = Field(None, description="0 to 1.")
+    # Ranges are documented rather than enforced here: the chat service answers them with a 400.
+    max_tokens: int | None = Field(
+        None, description="1 up to the configured limit.", json_schema_extra={"minimum": 1}
+    )
+    temperature: float | None = Field(
+        None, description="0 to 1.", json_schema_extra={"minimum": 0, "maximum": 1}
+    )
 
 
 class ErrorDetail(BaseModel):

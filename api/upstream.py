@@ -106,7 +106,8 @@ class Upstream:
         if request.system:
             params["system"] = request.system
         if request.temperature is not None:
-            params["temperature"] = request.temperature
+            # The SDK's `create` no longer names it; the Messages API still takes it in the body.
+            params["extra_body"] = {"temperature": request.temperature}
         try:
             response = await self.client.messages.with_streaming_response.create(**params).__aenter__()
         except anthropic.APIError as exc:
