@@ -147,13 +147,14 @@ class Turn:
         hold = self.hold
         renews = hold.snapshot is not None or hold.ticket is not None
         parts = self._parts
-        relayed = len(self.first)
         loop = asyncio.get_running_loop()
         renew_every = self._service.lock_renew_seconds
         renew_at = loop.time() + renew_every
         try:
             async for chunk in self._chunks:
-                relayed += len(chunk)
+                # Counted as it goes: a client that leaves stops this generator at a `yield`, where
+                # no `finally` of ours would run before the turn is settled.
+                hold.relayed += len(chunk)
                 if parts is not None:
                     parts.append(chunk)
                 yield chunk
@@ -167,8 +168,6 @@ class Turn:
             raise StreamFailed(exc.reason) from exc
         except RedisError as exc:
             raise StreamFailed(f"the session store failed: {exc}", Outcome.UNKNOWN_ERROR) from exc
-        finally:
-            hold.relayed = relayed
 
     async def commit(self) -> None:
         """Store the user message and the reply together, or raise `StreamFailed` having stored nothing."""

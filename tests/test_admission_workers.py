@@ -250,6 +250,7 @@ def two_streaming_workers(redis_url: str, standin: StandInModel, tmp_logs: Path)
             "CHAT_API_KEYS": f"{KEY_BURST},{KEY_QUIET}",
             "CHAT_RATE_LIMIT_CONCURRENT": "2",
             "CHAT_LOCK_TTL_SECONDS": "2",  # the lease time, too
+            "CHAT_DRAIN_SECONDS": "1",
         }
         with started(2, env, tmp_logs) as workers:
             yield workers
