@@ -131,6 +131,7 @@ class Turn:
                         raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
                     renew_at = loop.time() + renew_every
         except ReplyBroken as exc:
+            self.report.upstream_error = exc.kind
             raise StreamFailed(exc.reason) from exc
 
     async def commit(self) -> None:
@@ -247,8 +248,11 @@ class ChatService:
             )
         except TimeoutError as exc:
             await self.release(reply, snapshot)
+            report.upstream_error = "timeout"
             raise UpstreamTimeout("Claude sent nothing in time") from exc
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ChatError) and exc.upstream_error is not None:
+                report.upstream_error = exc.upstream_error
             if reply is not None:
                 report.input_tokens = reply.decoder.input_tokens
                 report.output_tokens = reply.decoder.output_tokens
@@ -298,13 +302,15 @@ async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
     try:
         return await anext(chunks)
     except StopAsyncIteration:
-        raise UpstreamFailed("Claude returned an empty reply") from None
+        raise UpstreamFailed("Claude returned an empty reply", upstream_error="incomplete") from None
     except ReplyBroken as exc:
         if exc.overloaded:
-            raise UpstreamUnavailable("Claude is overloaded; try again later", retry_after=5) from exc
+            raise UpstreamUnavailable(
+                "Claude is overloaded; try again later", retry_after=5, upstream_error=exc.kind
+            ) from exc
         if exc.timeout:
-            raise UpstreamTimeout("Claude sent nothing in time") from exc
-        raise UpstreamFailed(f"Claude failed before replying: {exc.reason}") from exc
+            raise UpstreamTimeout("Claude sent nothing in time", upstream_error=exc.kind) from exc
+        raise UpstreamFailed(f"Claude failed before replying: {exc.reason}", upstream_error=exc.kind) from exc
 
 
 def _message_id() -> str:
