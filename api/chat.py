@@ -272,6 +272,10 @@ class ChatService:
             except Exception:
                 log.warning("could not release a session lock; it expires on its own", exc_info=True)
 
+    def start(self, report: TurnReport) -> None:
+        """A chat request has begun: it counts as in flight until `finish` reports it."""
+        self.recorder.begin(report)
+
     async def finish(self, report: TurnReport) -> None:
         await self.recorder.record(report)
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from api.chat import ChatService, TurnRequest
 from api.errors import ChatError, RequestTooLarge, Unavailable, ValidationFailed, error_body
+from api.metrics import CONTENT_TYPE
 from api.outcomes import TurnReport
 from api.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
 from api.state import AppState
@@ -138,11 +139,26 @@ async def readyz(state: StateDep) -> Response:
     return Response(b'{"status":"ready"}', media_type="application/json")
 
 
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(state: StateDep) -> Response:
+    # With several processes this reads their shared files: off the event loop.
+    body = await asyncio.to_thread(state.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 async def _turn(
     request: Request, chat: ChatService, tenant: str, rid: str, session_id: str | None
 ) -> Response:
     report = TurnReport(request_id=rid, session_id=session_id, tenant=tenant)
+    chat.start(report)
     try:
+        if app_state(request).draining:
+            raise Unavailable("this worker is shutting down; retry and another will serve you", retry_after=1)
         body = await read_chat_body(request, chat.settings.max_body_bytes)
     except ChatError as exc:
         report.outcome, report.status, report.error_type, report.detail = (

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from api.chat import ChatService
 from api.config import Settings
+from api.metrics import Metrics
 
 
 @dataclass(slots=True)
@@ -15,4 +16,5 @@ class AppState:
     settings: Settings
     redis: Redis
     chat: ChatService
-    draining: bool = False
+    metrics: Metrics
+    draining: bool = False  # set once on SIGTERM: readiness and new turns answer 503 (api/drain.py)
