@@ -98,6 +98,8 @@ def test_every_process_reports_the_containers_totals_and_sigterm_drains_them_all
 
     with_only(first, second, lambda: turns(2))
     with_only(second, first, lambda: turns(3))
+    # A turn is counted just after its last byte is sent: let both processes count before pausing one.
+    wait_until(lambda: successes(serve.url) == 5, 5, "all five turns to be counted")
     assert with_only(first, second, lambda: successes(serve.url)) == 5
     assert with_only(second, first, lambda: successes(serve.url)) == 5
 

@@ -78,9 +78,16 @@ class Topology:
         """The worker that has a chat request in flight, found through its metrics."""
         found: list[Worker] = []
 
+        def busy() -> list[Worker]:
+            return [w for w in self.workers if metric(w, "chat_streams_in_flight") >= 1]
+
         def one_busy() -> bool:
-            found[:] = [w for w in self.workers if metric(w, "chat_streams_in_flight") >= 1]
-            return len(found) == 1
+            found[:] = busy()
+            if len(found) != 1:
+                return False
+            # Twice, a moment apart: a request that just ended is counted until just after its last byte.
+            time.sleep(0.1)
+            return busy() == found
 
         wait_until(one_busy, 5, "one worker with a chat request in flight")
         return found[0]
@@ -169,12 +176,16 @@ def test_a_conversation_round_robins_across_all_workers_and_stays_whole(whole: T
         assert response.status_code == 200, response.text
         # The model saw every earlier turn, whichever worker stored it.
         assert response.text == f"echo: turn {n} [turns={n}]"
-    served = [
-        metric(w, "chat_requests_total", outcome="success") - b
-        for w, b in zip(whole.workers, before, strict=True)
-    ]
-    assert sum(served) == 9
-    assert all(count >= 1 for count in served), f"turns per worker: {served}"
+
+    def served() -> list[float]:
+        return [
+            metric(w, "chat_requests_total", outcome="success") - b
+            for w, b in zip(whole.workers, before, strict=True)
+        ]
+
+    # A turn is counted just after its last byte is sent.
+    wait_until(lambda: sum(served()) == 9, 5, "all nine turns to be counted")
+    assert all(count >= 1 for count in served()), f"turns per worker: {served()}"
     expected = [text for n in range(1, 10) for text in (f"turn {n}", f"echo: turn {n} [turns={n}]")]
     for worker in whole.workers:
         assert whole.history("rr", worker.url) == expected
