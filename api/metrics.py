@@ -8,7 +8,7 @@
 | `chat_stream_duration_seconds` | histogram | request start to end, for replies that started |
 | `chat_upstream_errors_total` | counter | `type`: one of `api.upstream.UPSTREAM_ERRORS` |
 | `chat_tokens_total` | counter | `direction`: input, output (as Claude counted them, failed turns too) |
-| `chat_redis_errors_total` | counter | Redis commands that failed |
+| `chat_redis_errors_total` | counter | session reads and writes that failed: Redis unreachable or too slow |
 
 With several processes per container (`CHAT_WORKERS` > 1) `chat-api serve` points
 PROMETHEUS_MULTIPROC_DIR at a directory they share; each process writes its own numbers there and
@@ -72,7 +72,11 @@ class Metrics:
             ["direction"],
             registry=registry,
         )
-        self.redis_errors = Counter("chat_redis_errors", "Redis commands that failed", registry=registry)
+        self.redis_errors = Counter(
+            "chat_redis_errors",
+            "Session reads and writes that failed: Redis unreachable or too slow",
+            registry=registry,
+        )
         # Every label value exists from the start, so dashboards and alerts see zeros rather than gaps.
         self._outcomes = {outcome: self.requests.labels(outcome.value) for outcome in Outcome}
         self._upstream = {kind: self.upstream_errors.labels(kind) for kind in UPSTREAM_ERRORS}
