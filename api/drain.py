@@ -21,7 +21,9 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from api.outcomes import OutcomeRecorder
 from api.state import AppState
@@ -30,6 +32,8 @@ log = logging.getLogger("api.drain")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
 
 class Drain:
     def __init__(self, state: AppState, recorder: OutcomeRecorder, seconds: float) -> None:
@@ -37,7 +41,7 @@ class Drain:
         self.recorder = recorder
         self.seconds = seconds
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._previous: dict[int, signal._HANDLER] = {}
+        self._previous: dict[int, Handler] = {}
         self._signalled = False
         self._handed_over = False
         self._task: asyncio.Task[None] | None = None
