@@ -165,6 +165,7 @@ class Turn:
                         raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
                     renew_at = loop.time() + renew_every
         except ReplyBroken as exc:
+            self.report.upstream_error = exc.kind
             raise StreamFailed(exc.reason) from exc
         except RedisError as exc:
             raise StreamFailed(f"the session store failed: {exc}", Outcome.UNKNOWN_ERROR) from exc
@@ -293,8 +294,11 @@ class ChatService:
             return Turn(self, report, hold, chunks, first, keys, user_text, body.regenerate, begun)
         except TimeoutError as exc:
             await self.release(hold)
+            report.upstream_error = "timeout"
             raise UpstreamTimeout("Claude sent nothing in time") from exc
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ChatError) and exc.upstream_error is not None:
+                report.upstream_error = exc.upstream_error
             if hold.reply is not None:
                 report.input_tokens = hold.reply.decoder.input_tokens
                 report.output_tokens = hold.reply.decoder.output_tokens
@@ -364,6 +368,10 @@ class ChatService:
             if isinstance(result, Exception):
                 log.warning("could not release a turn's lock or lease: %s", result)
 
+    def start(self, report: TurnReport) -> None:
+        """A chat request has begun: it counts as in flight until `finish` reports it."""
+        self.recorder.begin(report)
+
     async def finish(self, report: TurnReport) -> None:
         await self.recorder.record(report)
 
@@ -394,13 +402,15 @@ async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
     try:
         return await anext(chunks)
     except StopAsyncIteration:
-        raise UpstreamFailed("Claude returned an empty reply") from None
+        raise UpstreamFailed("Claude returned an empty reply", upstream_error="incomplete") from None
     except ReplyBroken as exc:
         if exc.overloaded:
-            raise UpstreamUnavailable("Claude is overloaded; try again later", retry_after=5) from exc
+            raise UpstreamUnavailable(
+                "Claude is overloaded; try again later", retry_after=5, upstream_error=exc.kind
+            ) from exc
         if exc.timeout:
-            raise UpstreamTimeout("Claude sent nothing in time") from exc
-        raise UpstreamFailed(f"Claude failed before replying: {exc.reason}") from exc
+            raise UpstreamTimeout("Claude sent nothing in time", upstream_error=exc.kind) from exc
+        raise UpstreamFailed(f"Claude failed before replying: {exc.reason}", upstream_error=exc.kind) from exc
 
 
 def _message_id() -> str:

@@ -29,10 +29,14 @@ class ChatError(Exception):
     type: ClassVar[str] = "internal_error"
     outcome: ClassVar[Outcome] = Outcome.REJECTED
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, upstream_error: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        # When Claude caused it: what went wrong, in a few words fit for a metric label (`UPSTREAM_ERRORS`).
+        self.upstream_error = upstream_error
 
     def body(self) -> bytes:
         return error_body(self.type, self.message)

@@ -6,7 +6,7 @@ session's history splices stored bytes into the response without decoding them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,10 +39,12 @@ class CommitRefused(Exception):
 
 
 @asynccontextmanager
-async def redis_errors() -> AsyncIterator[None]:
+async def redis_errors(on_error: Callable[[], None] | None = None) -> AsyncIterator[None]:
     try:
         yield
     except RedisError as exc:
+        if on_error is not None:
+            on_error()
         raise StoreUnavailable("the session store is unavailable; try again shortly", retry_after=1) from exc
 
 
@@ -64,9 +66,17 @@ def stored_message(message_id: str, role: str, content: str, created_ms: int, to
 
 class SessionStore:
     def __init__(
-        self, redis: Redis, scripts: Scripts, *, ttl_seconds: int, max_messages: int, lock_ttl: float
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        *,
+        ttl_seconds: int,
+        max_messages: int,
+        lock_ttl: float,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         self.redis = redis
+        self.on_error = on_error  # told of every Redis failure, e.g. to count it
         self.scripts = scripts
         self.ttl_ms = ttl_seconds * 1000
         self.max_messages = max_messages
@@ -74,7 +84,7 @@ class SessionStore:
 
     async def begin(self, keys: SessionKeys, token: str) -> Snapshot | None:
         """Lock the session and read its history in one round trip; None when another turn holds it."""
-        async with redis_errors():
+        async with redis_errors(self.on_error):
             reply = await self.scripts.begin_turn(keys=keys.all(), args=[token, self.lock_ttl_ms])
         if reply[0] == 0:
             return None
@@ -106,7 +116,7 @@ class SessionStore:
             *messages,
         ]
         commit = ScriptCall(self.scripts.commit_turn, keys.all(), args)
-        async with redis_errors():
+        async with redis_errors(self.on_error):
             results = await run_together(self.redis, [commit, *also])
             if isinstance(results[0], RedisError):
                 raise results[0]
@@ -118,13 +128,13 @@ class SessionStore:
         )
 
     async def create(self, keys: SessionKeys) -> bool:
-        async with redis_errors():
+        async with redis_errors(self.on_error):
             created = await self.scripts.create_session(keys=[keys.meta], args=[self.ttl_ms])
         return bool(created)
 
     async def read(self, keys: SessionKeys) -> list[bytes] | None:
         """The stored messages as raw JSON, oldest first; None when the session does not exist."""
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+        async with redis_errors(self.on_error), self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(keys.history, 0, -1)
             pipe.exists(keys.meta)
             messages, meta = await pipe.execute()
@@ -134,7 +144,7 @@ class SessionStore:
 
     async def delete(self, keys: SessionKeys) -> bool:
         """Forget the session. Deleting the lock too makes an in-flight turn's commit fail its token check."""
-        async with redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+        async with redis_errors(self.on_error), self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(keys.history, keys.meta)
             pipe.delete(*keys.all())
             existed, _ = await pipe.execute()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import orjson
 
 from api.config import Settings
 from api.streaming import StreamAborted
+
+# The id of the request being served, set by the app's request-id middleware.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,6 +27,8 @@ class JsonFormatter(logging.Formatter):
         turn = getattr(record, "turn", None)
         if isinstance(turn, dict):
             line.update(turn)
+        elif (request_id := REQUEST_ID.get()) is not None:
+            line["request_id"] = request_id
         if record.exc_info:
             line["exc_info"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
@@ -37,6 +43,8 @@ class TextFormatter(logging.Formatter):
         turn = getattr(record, "turn", None)
         if isinstance(turn, dict):
             text += " " + " ".join(f"{key}={value}" for key, value in turn.items() if value not in (None, ""))
+        elif (request_id := REQUEST_ID.get()) is not None:
+            text += f" request_id={request_id}"
         return text
 
 

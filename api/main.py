@@ -22,9 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.auth import Authenticator
 from api.chat import ChatService
 from api.config import Settings
+from api.drain import Drain
 from api.errors import ChatError, ValidationFailed
 from api.history import SessionStore
-from api.logs import configure_logging, quiet_aborted_streams
+from api.logs import REQUEST_ID, configure_logging, quiet_aborted_streams
+from api.metrics import Metrics
 from api.outcomes import OutcomeRecorder, TurnHook
 from api.ratelimit import Admission
 from api.routes import error_response, json_error, router
@@ -44,11 +46,18 @@ def create_app(
     *,
     on_turn_end: TurnHook | None = None,
     redis: Redis | None = None,
+    handle_signals: bool = False,
 ) -> FastAPI:
-    """Build the app. `redis` lets a test hand in its own client (which it then closes itself)."""
+    """Build the app. `redis` lets a test hand in its own client (which it then closes itself).
+
+    `handle_signals` makes SIGTERM drain the worker (api/drain.py): for the app a server process
+    runs as its own, not for one embedded in a bigger application or a test.
+    """
     settings = settings or Settings()
     recorder = OutcomeRecorder(on_turn_end)
     auth = Authenticator([key.get_secret_value() for key in settings.api_keys], settings.trusted_proxies)
+    metrics = Metrics()
+    metrics.watch(recorder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -61,6 +70,7 @@ def create_app(
             ttl_seconds=settings.session_ttl_seconds,
             max_messages=settings.history_max_messages,
             lock_ttl=settings.lock_ttl_seconds,
+            on_error=metrics.redis_error,
         )
         upstream = Upstream(settings)
         admission = Admission(client, scripts, settings)
@@ -70,14 +80,19 @@ def create_app(
             else None
         )
         chat = ChatService(settings, store, upstream, recorder, admission, slots)
-        state = AppState(settings, client, chat, auth)
+        state = AppState(settings, client, chat, auth, metrics)
         app.state.current = state
+        drain = Drain(state, recorder, settings.drain_seconds)
+        if handle_signals:
+            drain.install()
         try:
             yield {"app": state}
         finally:
+            drain.uninstall()
             await upstream.aclose()
             if redis is None:
                 await client.aclose(close_connection_pool=True)
+            metrics.close()
 
     app = FastAPI(
         title="redis-chat-api",
@@ -156,7 +171,11 @@ class RequestIdMiddleware:
                     message["headers"] = [*headers, header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = REQUEST_ID.set(rid)  # every log line written for this request carries its id
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 def __getattr__(name: str) -> Any:
@@ -164,5 +183,5 @@ def __getattr__(name: str) -> Any:
     if name == "app":
         settings = Settings()
         configure_logging(settings)
-        return create_app(settings)
+        return create_app(settings, handle_signals=True)
     raise AttributeError(name)

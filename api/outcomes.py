@@ -29,6 +29,7 @@ class TurnReport:
     status: int = 0
     error_type: str | None = None
     detail: str | None = None
+    upstream_error: str | None = None  # one of api.upstream.UPSTREAM_ERRORS when Claude failed
     model: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
@@ -52,14 +53,33 @@ TurnHook = Callable[[TurnReport], Awaitable[None] | None]
 
 
 class OutcomeRecorder:
-    """Logs one structured line per request, counts outcomes and calls the optional hook."""
+    """Logs one structured line per request, counts outcomes and calls the optional hook.
+
+    It also knows which requests are in flight (begun and not yet recorded): a draining worker waits
+    for none to be left, and `in_flight_watchers` hear the count whenever it changes.
+    """
 
     def __init__(self, hook: TurnHook | None = None) -> None:
         self.hook = hook
         self.counts: Counter[Outcome] = Counter()
         self.observers: list[Callable[[TurnReport], None]] = []
+        self.in_flight_watchers: list[Callable[[int], None]] = []
+        # By identity: a report recorded without having begun (refused before the turn started)
+        # must not take another request off the count.
+        self._open: set[int] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open)
+
+    def begin(self, report: TurnReport) -> None:
+        self._open.add(id(report))
+        self._in_flight_changed()
 
     async def record(self, report: TurnReport) -> None:
+        if id(report) in self._open:
+            self._open.discard(id(report))
+            self._in_flight_changed()
         self.counts[report.outcome] += 1
         level = logging.WARNING if report.outcome is Outcome.UNKNOWN_ERROR else logging.INFO
         if log.isEnabledFor(level):
@@ -75,3 +95,7 @@ class OutcomeRecorder:
         except Exception:
             # The embedder's hook must not turn a finished request into a failed one.
             log.exception("on_turn_end hook failed for request %s", report.request_id)
+
+    def _in_flight_changed(self) -> None:
+        for watch in self.in_flight_watchers:
+            watch(len(self._open))

@@ -22,6 +22,7 @@ from api.errors import (
     ValidationFailed,
     error_body,
 )
+from api.metrics import CONTENT_TYPE
 from api.outcomes import TurnReport
 from api.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
 from api.state import AppState
@@ -181,12 +182,27 @@ async def readyz(state: StateDep) -> Response:
     return Response(b'{"status":"ready"}', media_type="application/json")
 
 
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(state: StateDep) -> Response:
+    # With several processes this reads their shared files: off the event loop.
+    body = await asyncio.to_thread(state.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 async def _turn(
     request: Request, chat: ChatService, key: str | None, rid: str, session_id: str | None
 ) -> Response:
     report = TurnReport(request_id=rid, session_id=session_id)
+    chat.start(report)
     who: Caller | None = None
     try:
+        if app_state(request).draining:
+            raise Unavailable("this worker is shutting down; retry and another will serve you", retry_after=1)
         who = identify(request, key)
         report.tenant = who.tenant
         body = await read_chat_body(request, chat.settings.max_body_bytes)

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from api.auth import Authenticator
 from api.chat import ChatService
 from api.config import Settings
+from api.metrics import Metrics
 
 
 @dataclass(slots=True)
@@ -17,4 +18,5 @@ class AppState:
     redis: Redis
     chat: ChatService
     auth: Authenticator
-    draining: bool = False
+    metrics: Metrics
+    draining: bool = False  # set once on SIGTERM: readiness and new turns answer 503 (api/drain.py)

@@ -30,14 +30,34 @@ class UpstreamRequest:
     temperature: float | None = None
 
 
-class ReplyBroken(Exception):
-    """The reply stopped before `message_stop`. `overloaded`/`timeout` tell how, for status mapping."""
+# What can go wrong with Claude, as counted by the `chat_upstream_errors_total` metric.
+UPSTREAM_ERRORS = (
+    "rate_limited",  # 429, after retries
+    "overloaded",  # 503 or 529 after retries, or an overloaded_error event
+    "timeout",  # no answer, no first token, or a silence mid-reply, within the timeout
+    "connection",  # could not connect, or the connection dropped
+    "refused",  # any other 4xx: Claude will not take this request
+    "server_error",  # any other 5xx, after retries
+    "error_event",  # an `error` event other than overloaded_error
+    "incomplete",  # the reply ended without message_stop, or had no text
+)
 
-    def __init__(self, reason: str, *, overloaded: bool = False, timeout: bool = False) -> None:
+
+class ReplyBroken(Exception):
+    """The reply stopped before `message_stop`; `kind` (one of `UPSTREAM_ERRORS`) tells how."""
+
+    def __init__(self, reason: str, kind: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.overloaded = overloaded
-        self.timeout = timeout
+        self.kind = kind
+
+    @property
+    def overloaded(self) -> bool:
+        return self.kind == "overloaded"
+
+    @property
+    def timeout(self) -> bool:
+        return self.kind == "timeout"
 
 
 class Reply:
@@ -67,15 +87,18 @@ class Reply:
                 if text:
                     yield text
         except UpstreamEventError as exc:
-            raise ReplyBroken(str(exc), overloaded=exc.error_type == "overloaded_error") from exc
+            kind = "overloaded" if exc.error_type == "overloaded_error" else "error_event"
+            raise ReplyBroken(str(exc), kind) from exc
         except httpx2.TimeoutException as exc:
             if not decoder.done:
-                raise ReplyBroken("the upstream stalled", timeout=True) from exc
+                raise ReplyBroken("the upstream stalled", "timeout") from exc
         except httpx2.HTTPError as exc:
             if not decoder.done:
-                raise ReplyBroken(f"the upstream connection failed: {type(exc).__name__}") from exc
+                raise ReplyBroken(
+                    f"the upstream connection failed: {type(exc).__name__}", "connection"
+                ) from exc
         if not decoder.done:
-            raise ReplyBroken("the upstream ended the reply without message_stop")
+            raise ReplyBroken("the upstream ended the reply without message_stop", "incomplete")
 
     async def close(self) -> None:
         await self._response.close()
@@ -121,18 +144,25 @@ class Upstream:
 def open_error(exc: anthropic.APIError) -> ChatError:
     """Map what the SDK raised (after its retries) to the status our client gets."""
     if isinstance(exc, anthropic.APITimeoutError):
-        return UpstreamTimeout("Claude did not answer in time")
+        return UpstreamTimeout("Claude did not answer in time", upstream_error="timeout")
     if isinstance(exc, anthropic.APIConnectionError):
-        return UpstreamFailed("Claude could not be reached")
+        return UpstreamFailed("Claude could not be reached", upstream_error="connection")
     if isinstance(exc, anthropic.APIStatusError):
         status = exc.status_code
         if status in (429, 503, 529):
             what = "rate-limited" if status == 429 else "overloaded"
-            return UpstreamUnavailable(f"Claude is {what}; try again later", retry_after=_retry_after(exc))
+            return UpstreamUnavailable(
+                f"Claude is {what}; try again later",
+                retry_after=_retry_after(exc),
+                upstream_error="rate_limited" if status == 429 else "overloaded",
+            )
         if status == 504:
-            return UpstreamTimeout("Claude did not answer in time")
-        return UpstreamFailed(f"Claude refused the request ({status}): {_api_message(exc)}")
-    return UpstreamFailed("Claude failed")
+            return UpstreamTimeout("Claude did not answer in time", upstream_error="timeout")
+        return UpstreamFailed(
+            f"Claude refused the request ({status}): {_api_message(exc)}",
+            upstream_error="server_error" if status >= 500 else "refused",
+        )
+    return UpstreamFailed("Claude failed", upstream_error="server_error")
 
 
 def _api_message(exc: anthropic.APIStatusError) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -118,6 +119,11 @@ class Worker:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it, so that several can start at once."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "api", "serve"],
@@ -129,6 +135,7 @@ class Worker:
         )
         log.close()
 
+    def wait_ready(self, timeout: float = 20) -> None:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -136,6 +143,10 @@ class Worker:
             return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
 
         wait_until(ready, timeout, f"worker on port {self.port}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -187,3 +198,81 @@ def workers(count: int, env: dict[str, str], log_dir: Path) -> Iterator[list[Wor
     finally:
         for worker in started:
             worker.stop()
+
+
+def nginx_binary() -> str | None:
+    """nginx from PATH, or Debian's /usr/sbin/nginx when /usr/sbin is not on a user's PATH."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def loopback_nginx_conf(conf: str, upstreams: list[str], port: int, temp_dir: Path) -> str:
+    """The project's nginx.conf with only what loopback needs changed: the upstream's server line
+    becomes one line per worker, the listen port is ours, and nginx's temp files live under `temp_dir`
+    (Debian's defaults are under /var/lib/nginx)."""
+
+    def one(pattern: str, replacement: str, text: str) -> str:
+        result, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+        if count != 1:
+            raise ValueError(
+                f"deploy/nginx.conf should match {pattern!r} exactly once, matched {count} times"
+            )
+        return result
+
+    servers = "\n".join(f"        server {address};" for address in upstreams)
+    conf = one(r"^\s*server\s+api:\d+\b[^;]*;", servers, conf)
+    conf = one(r"^(\s*)listen\s+\d+\s*;", rf"\g<1>listen 127.0.0.1:{port};", conf)
+    temp = "".join(
+        f"\n    {kind}_temp_path {temp_dir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return one(r"^http\s*\{", "http {" + temp, conf)
+
+
+class Nginx:
+    """nginx running a given config on loopback, in the foreground, with its files under `work_dir`."""
+
+    def __init__(self, binary: str, conf: str, port: int, work_dir: Path) -> None:
+        self.binary = binary
+        self.conf = conf
+        self.port = port
+        self.work_dir = work_dir
+        self.log_path = work_dir / "nginx.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        conf_path = self.work_dir / "nginx.conf"
+        conf_path.write_text(self.conf)
+        directives = f"daemon off; pid {self.work_dir / 'nginx.pid'};"
+        if os.geteuid() == 0:
+            # As root nginx would switch its workers to `nobody`, who cannot enter a private temp dir.
+            directives += " user root;"
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.work_dir), "-c", str(conf_path), "-g", directives],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        wait_until(listening, timeout, f"nginx on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)  # SIGTERM: nginx's fast stop, which does not wait for open streams
+            self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,104 @@
+"""What operators watch: GET /metrics in the Prometheus text format, and log lines that carry the request id."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.logs import REQUEST_ID, JsonFormatter
+from api.upstream import UPSTREAM_ERRORS
+from tests.conftest import LiveApp
+from tests.processes import free_port, wait_until
+
+StartApp = Callable[..., LiveApp]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(app: LiveApp) -> Samples:
+    response = app.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_metrics_count_outcomes_upstream_errors_tokens_and_times(live_app: StartApp) -> None:
+    app = live_app(upstream_max_retries=0)
+    assert app.chat("m1", "hello").status_code == 200
+    assert app.chat("m1", "again").status_code == 200
+    assert app.chat("m1", "   ").status_code == 400
+    assert app.chat(None, "@@status=529").status_code == 503
+    assert app.chat(None, "@@status=400").status_code == 502
+    cut = False
+    try:
+        app.chat(None, "@@deltas=5 @@error_after=2")
+    except httpx.RemoteProtocolError:
+        cut = True
+    assert cut
+    reports = app.wait_reports(6)
+
+    samples = scrape(app)
+    assert value(samples, "chat_requests_total", outcome="success") == 2
+    assert value(samples, "chat_requests_total", outcome="rejected") == 1
+    assert value(samples, "chat_requests_total", outcome="upstream_error") == 3
+    errors = {kind: value(samples, "chat_upstream_errors_total", type=kind) for kind in UPSTREAM_ERRORS}
+    # 529 before the reply and an overloaded_error event in the middle of one; a 400 refusal.
+    assert errors == dict.fromkeys(UPSTREAM_ERRORS, 0) | {"overloaded": 2, "refused": 1}
+    tokens_in = value(samples, "chat_tokens_total", direction="input")
+    tokens_out = value(samples, "chat_tokens_total", direction="output")
+    assert tokens_in == sum(r.input_tokens for r in reports) > 0
+    assert tokens_out == sum(r.output_tokens for r in reports) > 0
+    # The two replies and the cut one started streaming; the refused requests never did.
+    assert value(samples, "chat_time_to_first_token_seconds_count") == 3
+    assert value(samples, "chat_stream_duration_seconds_count") == 3
+    assert value(samples, "chat_stream_duration_seconds_sum") >= value(
+        samples, "chat_time_to_first_token_seconds_sum"
+    )
+    assert value(samples, "chat_streams_in_flight") == 0
+    assert value(samples, "chat_redis_errors_total") == 0
+
+
+def test_streams_in_flight_counts_the_replies_being_served(live_app: StartApp) -> None:
+    app = live_app()
+    thread = threading.Thread(target=app.chat, args=("busy", "@@deltas=20 @@delay=0.05"))
+    thread.start()
+    try:
+        wait_until(lambda: value(scrape(app), "chat_streams_in_flight") == 1, 5, "a stream in flight")
+    finally:
+        thread.join(10)
+    assert value(scrape(app), "chat_streams_in_flight") == 0
+
+
+def test_redis_errors_are_counted(live_app: StartApp) -> None:
+    app = live_app(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_seconds=0.5)
+    assert app.chat("down", "hello").status_code == 503
+    assert app.client.get("/chat/down/messages").status_code == 503
+    samples = scrape(app)
+    assert value(samples, "chat_redis_errors_total") == 2
+    assert value(samples, "chat_requests_total", outcome="unknown_error") == 1
+
+
+def test_json_log_lines_carry_the_request_being_served() -> None:
+    formatter = JsonFormatter()
+    record = logging.LogRecord("api", logging.WARNING, __file__, 1, "slow %s", ("redis",), None)
+    token = REQUEST_ID.set("req-7")
+    try:
+        line = orjson.loads(formatter.format(record))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line["request_id"] == "req-7"
+    assert line["message"] == "slow redis"
+    assert line["level"] == "warning"
+    assert "request_id" not in orjson.loads(formatter.format(record))  # outside any request
