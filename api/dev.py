@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,18 @@ def run_dev(host: str, port: int) -> None:
     use_standin = not os.environ.get("ANTHROPIC_API_KEY")
     if use_standin:
         overrides["anthropic_api_key"] = "local-stand-in"
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; the default action would kill
+    # the process before the embedded Redis is stopped, leaving it running on its own.
+    signal.signal(signal.SIGTERM, _exit)
     try:
         asyncio.run(_serve(overrides, use_standin))
     finally:
         if embedded is not None:
             embedded.shutdown(save=True, now=True, force=True)
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def _serve(overrides: dict[str, Any], use_standin: bool) -> None:

@@ -85,4 +85,13 @@ def test_dev_runs_with_nothing_but_the_package(tmp_path: Path) -> None:
     finally:
         stop_process(proc, grace=10)
     output = log.read_text()
+    # The embedded Redis stopped with it rather than living on as an orphan.
+    assert not [pid for pid in Path("/proc").glob("[0-9]*") if _cwd(pid).startswith(str(tmp_path))]
     assert f"{url}" in output and "curl" in output
+
+
+def _cwd(pid: Path) -> str:
+    try:
+        return os.readlink(pid / "cwd")
+    except OSError:
+        return ""
