@@ -26,6 +26,7 @@ class ReplyDecoder:
         "_cr_pending",
         "_pending",
         "done",
+        "error",
         "input_tokens",
         "message_id",
         "output_tokens",
@@ -36,6 +37,7 @@ class ReplyDecoder:
         self._pending = b""
         self._cr_pending = False
         self.done = False
+        self.error: UpstreamEventError | None = None  # an error event that came after text in one read
         self.stop_reason: str | None = None
         self.message_id: str | None = None
         self.input_tokens = 0
@@ -53,14 +55,27 @@ class ReplyDecoder:
             self._cr_pending = False
         out: list[bytes] = []
         start = 0
-        while (end := buf.find(b"\n\n", start)) >= 0:
-            if end > start:
-                self._event(buf[start:end], out)
-            start = end + 2
+        try:
+            while (end := buf.find(b"\n\n", start)) >= 0:
+                if end > start:
+                    self._event(buf[start:end], out)
+                start = end + 2
+        except UpstreamEventError as exc:
+            if not out:
+                raise
+            # The text before the error was sent first; the error is raised by `check` after it.
+            self.error = exc
+            self._pending = b""
+            return b"".join(out)
         self._pending = buf[start:]
         if len(out) == 1:
             return out[0]
         return b"".join(out)
+
+    def check(self) -> None:
+        """Raise the error event held back by `feed` so that the text before it went out first."""
+        if self.error is not None:
+            raise self.error
 
     def _event(self, block: bytes, out: list[bytes]) -> None:
         name = b""
@@ -71,12 +86,18 @@ class ReplyDecoder:
                 data = data + b"\n" + part if data else part
             elif line.startswith(b"event:"):
                 name = line[6:].strip()
-        if name == b"content_block_delta":
-            delta = orjson.loads(data)["delta"]
-            if delta.get("type") == "text_delta" and delta["text"]:
-                out.append(delta["text"].encode())
-        elif name in _HANDLED:
-            self._control(name, orjson.loads(data) if data else {}, out)
+        try:
+            if name == b"content_block_delta":
+                delta = orjson.loads(data)["delta"]
+                if delta.get("type") == "text_delta" and delta["text"]:
+                    out.append(delta["text"].encode())
+            elif name in _HANDLED:
+                self._control(name, orjson.loads(data) if data else {}, out)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Not the protocol: the reply cannot be trusted from here on.
+            raise UpstreamEventError(
+                "invalid_event", f"malformed {name.decode(errors='replace')} event"
+            ) from exc
 
     def _control(self, name: bytes, event: dict[str, Any], out: list[bytes]) -> None:
         if name == b"message_start":

@@ -7,6 +7,7 @@ because parsing every event into typed objects is most of a relay's cost per tok
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import httpx2
 from api.config import Settings
 from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
 from api.sse import ReplyDecoder, UpstreamEventError
+from api.transport import BODY, Body, LeanTransport
 
 DEFAULT_RETRY_AFTER = 5.0
 
@@ -77,15 +79,20 @@ class Reply:
         `message_stop`: text already yielded stays yielded, so only the caller knows what to undo.
         """
         decoder = self.decoder
+        http_response = self._response.http_response
+        body: Body | None = http_response.extensions.get(BODY)
+        # The lean transport's body is read directly; any other (a proxy's) through httpx.
+        source = body.chunks() if body is not None else http_response.aiter_bytes()
         try:
             # Reading on to the end of the body (not stopping at message_stop) hands the
             # connection back to the pool for the next turn instead of closing it.
-            async for raw in self._response.http_response.aiter_bytes():
+            async for raw in source:
                 if decoder.done:
                     continue
                 text = decoder.feed(raw)
                 if text:
                     yield text
+                    decoder.check()
         except UpstreamEventError as exc:
             kind = "overloaded" if exc.error_type == "overloaded_error" else "error_event"
             raise ReplyBroken(str(exc), kind) from exc
@@ -104,18 +111,26 @@ class Reply:
         await self._response.close()
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+def http_client(max_connections: int) -> httpx2.AsyncClient:
+    """The SDK's client on the lean transport, or on httpx's own when an egress proxy is configured
+    (the lean transport speaks only direct HTTP/1.1)."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        return anthropic.DefaultAsyncHttpxClient(limits=limits)
+    return anthropic.DefaultAsyncHttpxClient(transport=LeanTransport(max_connections=max_connections))
+
+
 class Upstream:
     def __init__(self, settings: Settings) -> None:
-        limits = httpx2.Limits(
-            max_connections=settings.upstream_max_connections,
-            max_keepalive_connections=settings.upstream_max_connections,
-        )
         self.client = anthropic.AsyncAnthropic(
             api_key=settings.api_key,
             base_url=settings.anthropic_base_url,
             max_retries=settings.upstream_max_retries,
             timeout=httpx2.Timeout(settings.upstream_timeout_seconds, connect=5.0),
-            http_client=anthropic.DefaultAsyncHttpxClient(limits=limits),
+            http_client=http_client(settings.upstream_max_connections),
         )
 
     async def open(self, request: UpstreamRequest) -> Reply:

@@ -102,3 +102,30 @@ def test_multiline_data_is_joined() -> None:
     decoder = ReplyDecoder()
     raw = b'event: content_block_delta\ndata: {"type":"content_block_delta",\ndata: "delta":{"type":"text_delta","text":"x"}}\n\n'
     assert decoder.feed(raw) == b"x"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"event: content_block_delta\ndata: {not json\n\n",
+        b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n',
+        b"event: message_start\ndata: [1, 2]\n\n",
+    ],
+)
+def test_a_malformed_event_is_an_upstream_error_not_a_crash(event: bytes) -> None:
+    with pytest.raises(UpstreamEventError) as caught:
+        ReplyDecoder().feed(event)
+    assert caught.value.error_type == "invalid_event"
+
+
+def test_an_error_after_text_in_one_read_lets_the_text_out_first() -> None:
+    decoder = ReplyDecoder()
+    text = decoder.feed(
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"partial"}}\n\n'
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    )
+    assert text == b"partial"
+    with pytest.raises(UpstreamEventError) as caught:
+        decoder.check()
+    assert caught.value.error_type == "overloaded_error"
