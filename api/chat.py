@@ -33,8 +33,10 @@ from api.errors import (
 )
 from api.history import CommitRefused, SessionStore, Snapshot, stored_message
 from api.keys import SessionKeys, session_keys
+from api.locks import SessionLock
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
 from api.ratelimit import Admission, Quota, Ticket
+from api.renewals import Renewer
 from api.schemas import ChatRequest
 from api.scripts import ScriptCall, run_together
 from api.slots import GenerationSlots
@@ -77,7 +79,7 @@ class TurnRequest:
     quota: Quota | None = None  # the request limit as admission left it, for the response headers
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: the renewer keeps a set of them
 class Hold:
     """What a turn holds until it ends; `ChatService.release` gives it all back, whatever happened."""
 
@@ -86,6 +88,8 @@ class Hold:
     snapshot: Snapshot | None = None  # the session lock
     reply: Reply | None = None  # the upstream connection
     relayed: int = 0  # bytes of reply text written: what a reply that ends early cost, at least
+    lost: bool = False  # the renewer found the session lock taken by another turn
+    renewals: tuple[ScriptCall | None, ScriptCall | None] = (None, None)
 
     def tokens(self) -> int:
         if self.reply is None:
@@ -145,11 +149,7 @@ class Turn:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The rest of the reply. Raises `StreamFailed` if it cannot be completed."""
         hold = self.hold
-        renews = hold.snapshot is not None or hold.ticket is not None
         parts = self._parts
-        loop = asyncio.get_running_loop()
-        renew_every = self._service.lock_renew_seconds
-        renew_at = loop.time() + renew_every
         try:
             async for chunk in self._chunks:
                 # Counted as it goes: a client that leaves stops this generator at a `yield`, where
@@ -158,12 +158,8 @@ class Turn:
                 if parts is not None:
                     parts.append(chunk)
                 yield chunk
-                if renews and loop.time() >= renew_at:
-                    # Renewing between chunks costs nothing on the hot path; a stall long enough
-                    # to miss a renewal is cut by the upstream read timeout anyway.
-                    if not await self._service.renew(hold):
-                        raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
-                    renew_at = loop.time() + renew_every
+                if hold.lost:  # the commit would be refused: stop paying for the reply now
+                    raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
         except ReplyBroken as exc:
             self.report.upstream_error = exc.kind
             raise StreamFailed(exc.reason) from exc
@@ -191,6 +187,7 @@ class Turn:
         # The turn's limits are settled in the commit's round trip: one fewer on every turn.
         ticket = self.hold.ticket
         also = [] if ticket is None else [self._service.admission.settle_call(ticket, self.hold.tokens())]
+        self._service.renewer.discard(self.hold)  # the commit releases the lock and the lease itself
         try:
             settled = await store.commit(
                 self.keys, snapshot, snapshot.lock.token, messages, replace_last=self.regenerate, also=also
@@ -220,6 +217,7 @@ class ChatService:
         recorder: OutcomeRecorder,
         admission: Admission,
         slots: GenerationSlots | None = None,
+        renewer: Renewer | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -227,7 +225,7 @@ class ChatService:
         self.recorder = recorder
         self.admission = admission
         self.slots = slots
-        self.lock_renew_seconds = settings.lock_ttl_seconds / 3
+        self.renewer = renewer or Renewer(store.redis, settings.lock_ttl_seconds / 3, store.on_error)
 
     def keys(self, tenant: str, session_id: str) -> SessionKeys:
         if not SESSION_ID.fullmatch(session_id):
@@ -270,11 +268,18 @@ class ChatService:
             history: list[dict[str, Any]] = []
             begun = started
             if keys is not None:
-                hold.snapshot = await self.store.begin(keys, secrets.token_hex(16))
+                token = secrets.token_hex(16)
+                try:
+                    hold.snapshot = await self.store.begin(keys, token)
+                except BaseException:
+                    # The lock may have been taken even though its reply never came back.
+                    await self._release_unconfirmed(keys, token)
+                    raise
                 if hold.snapshot is None:
                     raise SessionBusy("another turn of this session is in progress; retry when it ends")
                 begun = time.monotonic()
                 history = hold.snapshot.messages
+            self._keep_alive(hold)
             user_text = body.message or ""
             if body.regenerate:
                 if len(history) < 2 or history[-1]["role"] != "assistant" or history[-2]["role"] != "user":
@@ -324,22 +329,23 @@ class ChatService:
             log.debug("could not read the limits for a refused request", exc_info=True)
             return None
 
-    async def renew(self, hold: Hold) -> bool:
-        """Extend the session lock and the stream lease together; False if the lock was lost."""
-        calls: list[ScriptCall] = []
-        lock = hold.snapshot.lock if hold.snapshot is not None else None
-        if lock is not None:
-            calls.append(lock.renew_call())
-        if hold.ticket is not None:
-            calls.append(self.admission.renew_call(hold.ticket))
-        results = await run_together(self.store.redis, calls)
-        if lock is None:
-            return True
-        lock.held = results[0] == 1
-        return lock.held
+    def _keep_alive(self, hold: Hold) -> None:
+        lock = hold.snapshot.lock.renew_call() if hold.snapshot is not None else None
+        lease = self.admission.renew_call(hold.ticket) if hold.ticket is not None else None
+        if lock is not None or lease is not None:
+            hold.renewals = (lock, lease)
+            self.renewer.add(hold)
+
+    async def _release_unconfirmed(self, keys: SessionKeys, token: str) -> None:
+        lock = SessionLock(self.store.redis, self.store.scripts, keys.lock, token, 1)
+        try:
+            await asyncio.shield(lock.release_call().run())
+        except BaseException:
+            log.debug("could not release a lock whose taking was not confirmed; it expires", exc_info=True)
 
     async def release(self, hold: Hold) -> None:
         # Every step runs even if another fails; a lock or a lease we cannot give back expires on its own.
+        self.renewer.discard(hold)
         try:
             if hold.reply is not None:
                 try:
@@ -362,6 +368,8 @@ class ChatService:
             # Shielded: a client leaving mid-cleanup must not leave the session locked for a ttl.
             results = await asyncio.shield(run_together(self.store.redis, calls))
         except Exception:
+            if self.store.on_error is not None:
+                self.store.on_error()
             log.warning("could not release a turn's lock or lease; they expire on their own", exc_info=True)
             return
         for result in results:

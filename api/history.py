@@ -6,6 +6,7 @@ session's history splices stored bytes into the response without decoding them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,12 +15,16 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import StoreUnavailable
 from api.keys import SessionKeys
 from api.locks import SessionLock
 from api.scripts import ScriptCall, Scripts, run_together
+
+COMMIT_RETRY_DELAYS = (0.05, 0.25)  # then one last try
 
 
 @dataclass(slots=True)
@@ -117,7 +122,7 @@ class SessionStore:
         ]
         commit = ScriptCall(self.scripts.commit_turn, keys.all(), args)
         async with redis_errors(self.on_error):
-            results = await run_together(self.redis, [commit, *also])
+            results = await self._send_commit([commit, *also])
             if isinstance(results[0], RedisError):
                 raise results[0]
         if results[0] == 1:
@@ -126,6 +131,19 @@ class SessionStore:
         raise CommitRefused(
             "the session's lock was lost" if results[0] == 0 else "the history changed meanwhile"
         )
+
+    async def _send_commit(self, calls: list[ScriptCall]) -> list[Any]:
+        """A commit whose reply was lost may have been applied: send it again, since the script
+        recognises its turn id and the settle its lease, rather than tell the client its whole
+        reply failed (its retry would then store the turn twice)."""
+        for delay in COMMIT_RETRY_DELAYS:
+            try:
+                return await run_together(self.redis, calls)
+            except (RedisConnectionError, RedisTimeoutError):
+                if self.on_error is not None:
+                    self.on_error()
+                await asyncio.sleep(delay)
+        return await run_together(self.redis, calls)
 
     async def create(self, keys: SessionKeys) -> bool:
         async with redis_errors(self.on_error):

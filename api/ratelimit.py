@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +67,15 @@ class Decision:
 
 
 class Admission:
-    def __init__(self, redis: Redis, scripts: Scripts, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        settings: Settings,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
         self.redis = redis
+        self.on_error = on_error  # told of every Redis failure, e.g. to count it
         self.scripts = scripts
         self.prefix = settings.redis_prefix
         self.requests = settings.rate_limit_requests
@@ -119,6 +127,8 @@ class Admission:
         try:
             reply: list[Any] = await self.scripts.admit(keys=keys, args=args)
         except RedisError as exc:
+            if self.on_error is not None:
+                self.on_error()
             # Refusing is the safe side: letting requests through unchecked would hand out Claude's
             # capacity (and its bill) without any of the limits this deployment asked for.
             raise StoreUnavailable(

@@ -185,3 +185,29 @@ def test_a_sessions_keys_share_one_cluster_slot_and_sessions_spread() -> None:
     assert len({key_slot(k.encode()) for k in keys.all()}) == 1
     slots = {key_slot(session_keys("chat", "tenant", f"s{n}").history.encode()) for n in range(50)}
     assert len(slots) > 40
+
+
+async def test_a_commit_whose_reply_was_lost_is_sent_again_and_applied_once(
+    store: SessionStore, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    import api.history
+
+    keys = session_keys(prefix, "t", "s")
+    snapshot = await store.begin(keys, "tok")
+    assert snapshot is not None
+    real = api.history.run_together
+    sends = []
+
+    async def reply_lost_once(redis: Redis, calls: list) -> list:  # type: ignore[type-arg]
+        results = await real(redis, calls)  # Redis applied it...
+        sends.append(results)
+        if len(sends) == 1:
+            raise RedisTimeoutError("Timeout reading from socket")  # ...but the reply never came
+        return results
+
+    monkeypatch.setattr(api.history, "run_together", reply_lost_once)
+    await store.commit(keys, snapshot, "turn-1", turn(1), replace_last=False)
+    assert len(sends) == 2  # sent again, recognised by its turn id
+    assert contents(await store.read(keys)) == ["q1", "r1"]

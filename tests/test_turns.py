@@ -373,3 +373,66 @@ def test_the_lock_is_renewed_while_a_long_reply_streams(live_app: StartApp) -> N
     thread.join(10)
     assert result["r"].status_code == 200
     assert len(app.history("long")) == 2
+
+
+def test_the_lock_is_kept_while_the_first_token_is_awaited(live_app: StartApp) -> None:
+    """A slow first token (or the SDK's retries) must not let a second turn in meanwhile."""
+    app = live_app(lock_ttl_seconds=0.6)
+    result: dict[str, httpx.Response] = {}
+    thread = threading.Thread(target=lambda: result.update(r=app.chat("slow", "hi @@first_delay=1.8")))
+    thread.start()
+    time.sleep(1.2)  # twice the lock ttl, and still no token
+    assert app.chat("slow", "intruder").status_code == 409
+    thread.join(10)
+    assert result["r"].status_code == 200
+    assert [m["content"] for m in app.history("slow")] == ["hi @@first_delay=1.8", "echo: hi [turns=1]"]
+
+
+def test_a_client_that_leaves_while_sending_its_body_gets_one_outcome(live_app: StartApp) -> None:
+    app = live_app()
+    host, port = app.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /chat/s/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"message": "hal'
+        )
+        time.sleep(0.2)
+    reports = app.wait_reports(1)
+    assert reports[0].outcome is Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
+    # Nothing counts as in flight any more: a drain would not wait for it.
+    metrics = app.client.get("/metrics").text
+    assert "chat_streams_in_flight 0.0" in metrics
+
+
+def test_a_reply_cut_mid_stream_is_not_logged_as_a_crash(
+    live_app: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = live_app(upstream_timeout_seconds=1.0)
+    with caplog.at_level(logging.WARNING):
+        read_cut_reply(app, "s", "cut @@drop_after=2")
+        app.wait_reports(1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_lock_taken_whose_reply_was_lost_is_given_back(
+    live_app: StartApp, rdb: sync_redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis took the lock but its answer never arrived: the client gets a 503, and the session must
+    not then stay locked for a whole lock ttl."""
+    from api.errors import StoreUnavailable
+    from api.history import SessionStore
+
+    real = SessionStore.begin
+
+    async def begin_reply_lost(self: SessionStore, keys: Any, token: str) -> Any:
+        await real(self, keys, token)
+        # What the store raises when the socket times out waiting for the reply.
+        raise StoreUnavailable("the session store is unavailable; try again shortly", retry_after=1)
+
+    app = live_app(lock_ttl_seconds=30)
+    monkeypatch.setattr(SessionStore, "begin", begin_reply_lost)
+    response = app.chat("s", "hi")
+    assert response.status_code == 503
+    assert [k for k in rdb.scan_iter(f"{prefix}:*") if k.endswith(":lock")] == []
+    monkeypatch.setattr(SessionStore, "begin", real)
+    assert app.chat("s", "again").status_code == 200
