@@ -29,10 +29,11 @@ from api.logs import REQUEST_ID, configure_logging, quiet_aborted_streams
 from api.metrics import Metrics
 from api.outcomes import OutcomeRecorder, TurnHook
 from api.ratelimit import Admission
-from api.routes import error_response, json_error, router
+from api.routes import error_response, json_error, router, serve_turn
 from api.scripts import Scripts
 from api.slots import GenerationSlots
 from api.state import AppState
+from api.streaming import RAW_SEND, StreamAborted
 from api.upstream import Upstream
 
 log = logging.getLogger("api")
@@ -73,7 +74,7 @@ def create_app(
             on_error=metrics.redis_error,
         )
         upstream = Upstream(settings)
-        admission = Admission(client, scripts, settings)
+        admission = Admission(client, scripts, settings, on_error=metrics.redis_error)
         slots = (
             GenerationSlots(settings.worker_max_streams, settings.worker_queue_seconds)
             if settings.worker_max_streams
@@ -89,12 +90,13 @@ def create_app(
             yield {"app": state}
         finally:
             drain.uninstall()
+            await chat.renewer.aclose()
             await upstream.aclose()
             if redis is None:
                 await client.aclose(close_connection_pool=True)
             metrics.close()
 
-    app = FastAPI(
+    app = ChatAPI(
         title="redis-chat-api",
         version="0.1.0",
         summary="Streams Claude's replies as plain text; conversations live in Redis.",
@@ -122,10 +124,61 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        # A reply cut on purpose reaches here too (the server must see it to drop the connection);
+        # its turn has logged its own outcome, and it is no crash.
+        if not isinstance(exc, StreamAborted):
+            log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         return json_error(ChatError("the server failed; try again"), _rid(request))
 
     return app
+
+
+class ChatAPI(FastAPI):
+    """FastAPI, with the two chat routes served straight from here.
+
+    A turn is the one request a deployment serves hundreds of times a second, and FastAPI's routing,
+    dependency solving and middleware layers cost about as much as the rest of a turn together.
+    The routes stay declared (the OpenAPI schema and every other path go through FastAPI as usual);
+    a chat POST runs the same handler (`api.routes.serve_turn`) without the layers in between.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        if scope["type"] == "http" and scope["method"] == "POST" and "app" in scope.get("state", ()):
+            session_id = chat_path(scope["path"])
+            if session_id is not None:
+                rid = assign_request_id(scope)
+                token = REQUEST_ID.set(rid)
+                try:
+                    await serve_turn(scope, receive, send, rid, session_id or None)
+                finally:
+                    REQUEST_ID.reset(token)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def chat_path(path: str) -> str | None:
+    """ "" for the one-shot route, the session id for a session's route, None for anything else."""
+    if path == "/chat/stream":
+        return ""
+    if path.startswith("/chat/") and path.endswith("/stream"):
+        session_id = path[6:-7]
+        if session_id and "/" not in session_id:
+            return session_id
+    return None
+
+
+def assign_request_id(scope: Scope) -> str:
+    """The client's request id when it sent a sane one, else a new one; kept in the scope's state."""
+    rid = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            rid = candidate if _REQUEST_ID.fullmatch(candidate) else None
+            break
+    rid = rid or uuid.uuid4().hex
+    scope.setdefault("state", {})["request_id"] = rid
+    return rid
 
 
 def make_redis(settings: Settings) -> Redis:
@@ -154,14 +207,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                rid = candidate if _REQUEST_ID.fullmatch(candidate) else None
-                break
-        rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        rid = assign_request_id(scope)
         header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message: Message) -> None:

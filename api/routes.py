@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Iterable
 from typing import Annotated, Any
@@ -11,6 +12,8 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from api.auth import Caller
 from api.chat import SESSION_ID, ChatService, TurnRequest
@@ -23,10 +26,12 @@ from api.errors import (
     error_body,
 )
 from api.metrics import CONTENT_TYPE
-from api.outcomes import TurnReport
+from api.outcomes import Outcome, TurnReport
 from api.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
 from api.state import AppState
-from api.streaming import TurnResponse
+from api.streaming import StreamAborted, TurnResponse
+
+log = logging.getLogger("api")
 
 
 def app_state(request: Request) -> AppState:
@@ -34,7 +39,15 @@ def app_state(request: Request) -> AppState:
     return state
 
 
-def chat_service(request: Request) -> ChatService:
+# Dependencies are `async def`: FastAPI runs a plain `def` dependency in a thread, a hand-off that
+# costs more than the whole of what these do, on every request.
+
+
+async def state_dependency(request: Request) -> AppState:
+    return app_state(request)
+
+
+async def chat_service(request: Request) -> ChatService:
     return app_state(request).chat
 
 
@@ -50,7 +63,6 @@ async def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
 ) -> str | None:
-    # `async def`, as a plain `def` dependency would cost a thread hand-off on every request.
     # When both are sent, Authorization wins, as it does at most gateways.
     return bearer.credentials if bearer is not None else api_key
 
@@ -68,12 +80,12 @@ async def caller(request: Request, key: KeyDep) -> Caller:
     return identify(request, key)
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     rid: str = request.state.request_id
     return rid
 
 
-StateDep = Annotated[AppState, Depends(app_state)]
+StateDep = Annotated[AppState, Depends(state_dependency)]
 ChatDep = Annotated[ChatService, Depends(chat_service)]
 CallerDep = Annotated[Caller, Depends(caller)]
 # Documented, not enforced here: the chat service refuses a bad id with the 400 the API promises.
@@ -194,6 +206,39 @@ async def metrics(state: StateDep) -> Response:
     return Response(body, media_type=CONTENT_TYPE)
 
 
+async def serve_turn(scope: Scope, receive: Receive, send: Send, rid: str, session_id: str | None) -> None:
+    """A chat POST as plain ASGI (see `api.main.ChatAPI`): what the two routes below do, and what
+    FastAPI's exception handlers would do for a failure before the response starts."""
+    request = Request(scope, receive)
+    started = False
+
+    async def tracked(message: Message) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        response = await _turn(request, app_state(request).chat, key_of(request), rid, session_id)
+        await response(scope, receive, tracked)
+    except StreamAborted:
+        raise  # the server must see it, to drop the connection without the final chunk
+    except Exception as exc:
+        if started:
+            raise
+        log.error("unhandled error in POST %s", scope["path"], exc_info=exc)
+        await json_error(ChatError("the server failed; try again"), rid)(scope, receive, send)
+
+
+def key_of(request: Request) -> str | None:
+    """The API key as `presented_key` reads it: `Authorization: Bearer`, else `X-API-Key`."""
+    authorization = request.headers.get("authorization")
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials:
+            return credentials
+    return request.headers.get("x-api-key")
+
+
 async def _turn(
     request: Request, chat: ChatService, key: str | None, rid: str, session_id: str | None
 ) -> Response:
@@ -216,6 +261,17 @@ async def _turn(
         quota = await chat.quota(who.subject) if who is not None else None
         await chat.finish(report)
         return json_error(exc, rid, quota.headers() if quota is not None else ())
+    except ClientDisconnect:
+        # The client left while sending its body: nobody reads this response, but the request
+        # still ends with exactly one outcome (and stops counting as in flight).
+        report.outcome, report.status = Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING, 499
+        await chat.finish(report)
+        return Response(status_code=499)
+    except BaseException as exc:
+        report.outcome, report.detail = Outcome.UNKNOWN_ERROR, f"{type(exc).__name__}: {exc}"
+        report.status = 500
+        await chat.finish(report)
+        raise
     headers = [(b"x-request-id", rid.encode())]
     if session_id is not None:
         headers.append((b"x-session-id", session_id.encode()))
