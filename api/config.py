@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from ipaddress import ip_network
 from typing import Annotated, Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -104,6 +105,33 @@ class Settings(BaseSettings):
                 raise ValueError("a key may hold only printable ASCII characters, without spaces")
         return keys
 
+    # Checked at start, or a typo would surface only at the first request, as a traceback or a 503.
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str) -> str:
+        parts = _split_url(
+            url,
+            ("redis", "rediss", "unix"),
+            "must be a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0",
+        )
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("needs the socket's absolute path, e.g. unix:///run/redis.sock")
+        elif not parts.hostname:
+            raise ValueError(f"needs a host, e.g. {parts.scheme}://127.0.0.1:6379/0")
+        return url
+
+    @field_validator("anthropic_base_url")
+    @classmethod
+    def _check_base_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = _split_url(
+                url, ("http", "https"), "must be an http:// or https:// URL, e.g. https://api.anthropic.com"
+            )
+            if not parts.hostname:
+                raise ValueError(f"needs a host, e.g. {parts.scheme}://api.anthropic.com")
+        return url
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_proxies(cls, proxies: list[str]) -> list[str]:
@@ -134,6 +162,21 @@ class Settings(BaseSettings):
         return self.anthropic_api_key.get_secret_value()
 
 
+def _split_url(url: str, schemes: tuple[str, ...], expected: str) -> SplitResult:
+    """The URL's parts, its scheme and port checked. No message repeats the URL: it may hold a password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme not in schemes:
+        raise ValueError(expected)
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
+    return parts
+
+
 def describe_error(error: ValidationError) -> str:
     """One line that names the offending variable, for a process that must refuse to start."""
     first = error.errors()[0]
@@ -141,6 +184,10 @@ def describe_error(error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if not field:
         return message
-    standard = {"redis_url": "REDIS_URL", "anthropic_api_key": "ANTHROPIC_API_KEY"}
+    standard = {
+        "redis_url": "REDIS_URL",
+        "anthropic_api_key": "ANTHROPIC_API_KEY",
+        "anthropic_base_url": "ANTHROPIC_BASE_URL",
+    }
     name = field if field.isupper() else standard.get(field, f"CHAT_{field.upper()}")
     return f"{name}: {message}"

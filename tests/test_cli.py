@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,12 @@ def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"ANTHROPIC_API_KEY": "k", "CHAT_LOCK_TTL_SECONDS": "-1"}, "CHAT_LOCK_TTL_SECONDS"),
         ({"ANTHROPIC_API_KEY": "k", "CHAT_API_KEYS": "short"}, "CHAT_API_KEYS"),
         ({"ANTHROPIC_API_KEY": "k", "CHAT_MODEL": "m-x", "CHAT_ALLOWED_MODELS": "m-y"}, "CHAT_MODEL"),
+        ({"ANTHROPIC_API_KEY": "k", "REDIS_URL": "foo"}, "REDIS_URL"),
+        ({"ANTHROPIC_API_KEY": "k", "REDIS_URL": "redis://:hunter2@/0"}, "REDIS_URL"),
+        ({"ANTHROPIC_API_KEY": "k", "REDIS_URL": "unix://"}, "REDIS_URL"),
+        ({"ANTHROPIC_API_KEY": "k", "REDIS_URL": "redis://redis:port/0"}, "REDIS_URL"),
+        ({"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "api.anthropic.com"}, "ANTHROPIC_BASE_URL"),
+        ({"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "https://"}, "ANTHROPIC_BASE_URL"),
     ],
 )
 def test_a_bad_setting_stops_serve_with_one_line_naming_it(env: dict[str, str], named: str) -> None:
@@ -41,8 +48,18 @@ def test_a_bad_setting_stops_serve_with_one_line_naming_it(env: dict[str, str], 
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert named in lines[0]
+    # The name itself, so that ANTHROPIC_BASE_URL is not passed off as CHAT_ANTHROPIC_BASE_URL.
+    assert re.search(rf"\b{named}\b", lines[0]), lines[0]
     assert "Traceback" not in result.stderr
+    # A URL may hold a password: the line names the variable, never its value.
+    assert "hunter2" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://redis:6379/0", "rediss://user:pw@cache.example:6380", "unix:///run/redis/redis.sock"]
+)
+def test_every_redis_url_form_is_accepted(url: str) -> None:
+    assert Settings(anthropic_api_key="k", redis_url=url).redis_url == url
 
 
 def test_settings_come_from_the_documented_names(monkeypatch: pytest.MonkeyPatch) -> None:
