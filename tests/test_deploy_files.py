@@ -8,10 +8,12 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import Any
 
 import yaml
 
+from api.auth import Authenticator
 from api.config import Settings
 from api.server import CLOSE_SECONDS
 from tests.conftest import LiveApp
@@ -108,6 +110,42 @@ def test_nginx_runs_the_projects_config_on_the_one_published_port() -> None:
     # nginx sends to the port the workers listen on.
     [server] = [args for args in directives(NGINX_CONF, "server") if args and ":" in args[0]]
     assert server[0] == f"api:{SERVICES['api']['environment']['CHAT_PORT']}"
+
+
+def test_the_workers_believe_x_forwarded_for_from_nginx_and_from_nothing_else_on_the_network() -> None:
+    """Behind nginx every client's socket peer is nginx: without trusting it, per-address limits on an open
+    API would put every client in one bucket."""
+    [(name, attachment)] = SERVICES["lb"]["networks"].items()
+    lb_address = IPv4Address(attachment["ipv4_address"])
+    # Every service is on that one network (those naming none are on `default`), so the workers see nginx
+    # at that address.
+    assert all(set(service.get("networks", ["default"])) == {name} for service in SERVICES.values())
+    [pool] = COMPOSE["networks"][name]["ipam"]["config"]
+    subnet, dynamic = IPv4Network(pool["subnet"]), IPv4Network(pool["ip_range"])
+    gateway = IPv4Address(pool["gateway"])
+    assert lb_address in subnet and dynamic.subnet_of(subnet)
+    # Outside the range Docker hands out, so no container that starts before nginx can take its address.
+    assert lb_address not in dynamic and lb_address != gateway
+
+    trusted = Settings(
+        anthropic_api_key="k", trusted_proxies=SERVICES["api"]["environment"]["CHAT_TRUSTED_PROXIES"]
+    ).trusted_proxies
+    networks = [ip_network(proxy, strict=False) for proxy in trusted]
+    assert any(lb_address in network for network in networks)
+    # Nothing else on the network is trusted: not the other containers, nor the gateway, where clients that
+    # Docker's userland proxy forwards come from (trusting it would let them forge X-Forwarded-For).
+    assert not any(network.overlaps(dynamic) or gateway in network for network in networks)
+
+    auth = Authenticator([], trusted)
+    # nginx appends the address it saw to what the client sent; the workers take that appended address.
+    assert only_header("x-forwarded-for") == "$proxy_add_x_forwarded_for"
+    assert auth.client_address(str(lb_address), "198.51.100.7, 203.0.113.9") == "203.0.113.9"
+    assert auth.client_address(str(lb_address), f"203.0.113.9, {gateway}") == str(gateway)
+
+
+def only_header(name: str) -> str:
+    [value] = [args[1] for args in directives(NGINX_CONF, "proxy_set_header") if args[0].lower() == name]
+    return value
 
 
 # --- deploy/Dockerfile ---------------------------------------------------------------------------------
