@@ -52,7 +52,7 @@ class Quota:
 class Ticket:
     """An admitted request's hold on its caller's limits: a stream lease, and tokens still to charge."""
 
-    keys: tuple[str, str]
+    keys: tuple[str, str, str]
     lease: str
     settled: bool = False
 
@@ -84,8 +84,13 @@ class Admission:
         self.lease_ttl_ms = max(1, int(settings.lock_ttl_seconds * 1000))
         self.enabled = bool(self.requests or self.tokens or self.streams)
 
-    def keys(self, subject: str) -> tuple[str, str]:
-        return (tenant_key(self.prefix, subject, "limits"), tenant_key(self.prefix, subject, "streams"))
+    def keys(self, subject: str) -> tuple[str, str, str]:
+        """The caller's limits, stream leases and recent settlements (admit.lua reads the first two)."""
+        return (
+            tenant_key(self.prefix, subject, "limits"),
+            tenant_key(self.prefix, subject, "streams"),
+            tenant_key(self.prefix, subject, "settled"),
+        )
 
     async def admit(self, subject: str) -> Decision:
         """Check and take every limit at once; a refused request takes nothing."""
@@ -112,9 +117,9 @@ class Admission:
         return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, tokens, self.tokens, WINDOW_MS])
 
     def renew_call(self, ticket: Ticket) -> ScriptCall:
-        return ScriptCall(self.scripts.renew_lease, ticket.keys[1:], [ticket.lease, self.lease_ttl_ms])
+        return ScriptCall(self.scripts.renew_lease, ticket.keys[1:2], [ticket.lease, self.lease_ttl_ms])
 
-    async def _run(self, keys: tuple[str, str], take: str, lease: str) -> list[Any]:
+    async def _run(self, keys: tuple[str, str, str], take: str, lease: str) -> list[Any]:
         args: list[EncodableT] = [
             take,
             lease,
@@ -125,7 +130,7 @@ class Admission:
             WINDOW_MS,
         ]
         try:
-            reply: list[Any] = await self.scripts.admit(keys=keys, args=args)
+            reply: list[Any] = await self.scripts.admit(keys=keys[:2], args=args)
         except RedisError as exc:
             if self.on_error is not None:
                 self.on_error()

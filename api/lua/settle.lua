@@ -1,19 +1,21 @@
--- End an admitted request: give back its stream lease and charge the tokens its turn used. Only the
--- call that removes the lease charges, so a re-sent settle (redis-py retries after a timeout) charges
--- nothing more.
--- KEYS[1] limits hash (see admit.lua), KEYS[2] stream leases
+-- End an admitted request: give back its stream lease and charge the tokens its turn used. A settle
+-- is recognised by its lease id in a set of recent settlements, so a re-sent settle (redis-py or the
+-- commit re-sends after a timeout) charges nothing more; and a turn whose lease lapsed meanwhile (its
+-- worker was cut off from Redis for a whole ttl) is still charged for what it used.
+-- KEYS[1] limits hash (see admit.lua), KEYS[2] stream leases, KEYS[3] settled: lease id -> when, in ms
 -- ARGV[1] lease id
 -- ARGV[2] tokens the turn used
 -- ARGV[3] tokens per window (0: no limit)
 -- ARGV[4] window in ms
--- returns 1 if settled now, 0 if it was settled before (or its lease had expired)
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then
+-- returns 1 if settled now, 0 if it was settled before
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return 0
 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local tokens, limit, window = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if tokens > 0 and limit > 0 then
-  local t = redis.call('TIME')
-  local now = t[1] * 1000 + math.floor(t[2] / 1000)
   local state = redis.call('HMGET', KEYS[1], 'tok', 'tok_at')
   local level = 0
   if state[1] then
@@ -24,4 +26,8 @@ if tokens > 0 and limit > 0 then
   local ttl = redis.call('PTTL', KEYS[1])
   redis.call('PEXPIRE', KEYS[1], math.max(ttl, math.ceil(level / limit) + 1000))
 end
+-- A re-send comes within seconds; a window's worth of memory is plenty.
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+redis.call('PEXPIRE', KEYS[3], window)
 return 1
