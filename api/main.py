@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +29,7 @@ from api.logs import REQUEST_ID, configure_logging, quiet_aborted_streams
 from api.metrics import Metrics
 from api.outcomes import OutcomeRecorder, TurnHook
 from api.ratelimit import Admission
+from api.redis_client import make_redis
 from api.routes import error_response, json_error, router, serve_turn
 from api.scripts import Scripts
 from api.slots import GenerationSlots
@@ -179,18 +180,6 @@ def assign_request_id(scope: Scope) -> str:
     rid = rid or uuid.uuid4().hex
     scope.setdefault("state", {})["request_id"] = rid
     return rid
-
-
-def make_redis(settings: Settings) -> Redis:
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_seconds,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=min(2.0, settings.redis_timeout_seconds),
-        health_check_interval=30,
-    )
-    return Redis(connection_pool=pool)
 
 
 def _rid(request: Request) -> str | None:

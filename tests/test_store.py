@@ -211,3 +211,42 @@ async def test_a_commit_whose_reply_was_lost_is_sent_again_and_applied_once(
     await store.commit(keys, snapshot, "turn-1", turn(1), replace_last=False)
     assert len(sends) == 2  # sent again, recognised by its turn id
     assert contents(await store.read(keys)) == ["q1", "r1"]
+
+
+async def test_a_redis_that_does_not_answer_times_out_each_call(redis_url: str) -> None:
+    """Calls are bounded by CHAT_REDIS_TIMEOUT_SECONDS though the socket itself has no timeout."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from api.config import Settings
+    from api.redis_client import make_redis
+
+    handlers: list[asyncio.Task[None]] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.read(65536)
+            await asyncio.sleep(30)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = Settings(
+        anthropic_api_key="k", redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_seconds=0.3
+    )
+    client = make_redis(settings)
+    try:
+        loop = asyncio.get_running_loop()
+        for call in (client.ping(), client.pipeline(transaction=False).get("x").execute()):
+            started = loop.time()
+            with pytest.raises(RedisTimeoutError):
+                await call
+            assert loop.time() - started < 2
+    finally:
+        await client.aclose(close_connection_pool=True)
+        server.close()
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
