@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import secrets
 import time
@@ -143,8 +144,9 @@ class Turn:
         self.user_text = user_text
         self.regenerate = regenerate
         self._started = started  # when the history was read, on this worker's clock
-        # Only a session turn needs the text back for its commit.
-        self._parts: list[bytes] | None = [first] if keys is not None else None
+        # Only a session turn needs the text back for its commit: one growing buffer, not an
+        # object per delta.
+        self._parts: bytearray | None = bytearray(first) if keys is not None else None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The rest of the reply. Raises `StreamFailed` if it cannot be completed."""
@@ -156,7 +158,7 @@ class Turn:
                 # no `finally` of ours would run before the turn is settled.
                 hold.relayed += len(chunk)
                 if parts is not None:
-                    parts.append(chunk)
+                    parts += chunk
                 yield chunk
                 if hold.lost:  # the commit would be refused: stop paying for the reply now
                     raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
@@ -174,7 +176,7 @@ class Turn:
         assert store is not None
         snapshot = self.snapshot
         reply_ms = snapshot.now_ms + int((time.monotonic() - self._started) * 1000)
-        reply_text = b"".join(self._parts).decode()
+        reply_text = self._parts.decode()
         messages: list[bytes] = []
         if not self.regenerate:
             messages.append(
@@ -290,10 +292,7 @@ class ChatService:
             upstream_request.messages = build_context(history, user_text, budget)
 
             async with asyncio.timeout(self.settings.upstream_timeout_seconds):
-                hold.reply = await self.upstream.open(upstream_request)
-                report.upstream_request_id = hold.reply.request_id
-                chunks = hold.reply.chunks()
-                first = await _first_chunk(chunks)
+                chunks, first = await self._first_text(upstream_request, hold, report)
             hold.relayed = len(first)
             report.first_token_seconds = time.monotonic() - started
             return Turn(self, report, hold, chunks, first, keys, user_text, body.regenerate, begun)
@@ -309,6 +308,29 @@ class ChatService:
                 report.output_tokens = hold.reply.decoder.output_tokens
             await self.release(hold)
             raise
+
+    async def _first_text(
+        self, request: UpstreamRequest, hold: Hold, report: TurnReport
+    ) -> tuple[AsyncIterator[bytes], bytes]:
+        """Open the reply and wait for its first text. A reply that fails before any text reached the
+        client is asked for again, with the SDK's own backoff: its retries end at the 200, and the
+        API reports overload in the stream too (`overloaded_error` right after `message_start`)."""
+        for attempt in range(self.settings.upstream_max_retries + 1):
+            if hold.reply is not None:
+                await hold.reply.close()
+                await asyncio.sleep(retry_delay(attempt - 1))
+            hold.reply = await self.upstream.open(request)
+            report.upstream_request_id = hold.reply.request_id
+            chunks = hold.reply.chunks()
+            try:
+                return chunks, await anext(chunks)
+            except StopAsyncIteration:
+                raise UpstreamFailed("Claude returned an empty reply", upstream_error="incomplete") from None
+            except ReplyBroken as exc:
+                if exc.kind not in RETRYABLE or attempt == self.settings.upstream_max_retries:
+                    raise first_text_error(exc) from exc
+                log.info("retrying a reply that failed before its first text: %s", exc.reason)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _admit(self, request: TurnRequest, hold: Hold) -> None:
         # The worker's slot comes first: a request waiting for one has not yet used any of its limits.
@@ -406,19 +428,24 @@ class ChatService:
         return UpstreamRequest(model, max_tokens, [], system, body.temperature)
 
 
-async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
-    try:
-        return await anext(chunks)
-    except StopAsyncIteration:
-        raise UpstreamFailed("Claude returned an empty reply", upstream_error="incomplete") from None
-    except ReplyBroken as exc:
-        if exc.overloaded:
-            raise UpstreamUnavailable(
-                "Claude is overloaded; try again later", retry_after=5, upstream_error=exc.kind
-            ) from exc
-        if exc.timeout:
-            raise UpstreamTimeout("Claude sent nothing in time", upstream_error=exc.kind) from exc
-        raise UpstreamFailed(f"Claude failed before replying: {exc.reason}", upstream_error=exc.kind) from exc
+# Failures before the first text that another attempt may not meet: what the SDK would retry had it
+# seen them as a status (overloaded, a 5xx `api_error`, a dropped connection or cut reply).
+RETRYABLE = frozenset({"overloaded", "error_event", "connection", "incomplete"})
+
+
+def retry_delay(retry: int) -> float:
+    # The SDK's own backoff: 0.5 s doubling up to 8 s, less up to a quarter at random.
+    return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * random.random())
+
+
+def first_text_error(exc: ReplyBroken) -> ChatError:
+    if exc.overloaded:
+        return UpstreamUnavailable(
+            "Claude is overloaded; try again later", retry_after=5, upstream_error=exc.kind
+        )
+    if exc.timeout:
+        return UpstreamTimeout("Claude sent nothing in time", upstream_error=exc.kind)
+    return UpstreamFailed(f"Claude failed before replying: {exc.reason}", upstream_error=exc.kind)
 
 
 def _message_id() -> str:

@@ -61,9 +61,19 @@ async def run_together(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
-    for index, result in enumerate(results):
-        if isinstance(result, NoScriptError):
-            results[index] = await _run_one(calls[index])
+    missing = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if missing:
+        # Redis lost its scripts (a restart): load each once, then send those calls again together,
+        # rather than one round trip (and one kept exception) per call, hundreds for a renewal.
+        for script in {calls[index].script for index in missing}:
+            await redis.script_load(script.script)
+        async with redis.pipeline(transaction=False) as pipe:
+            for index in missing:
+                call = calls[index]
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            again = await pipe.execute(raise_on_error=False)
+        for index, result in zip(missing, again, strict=True):
+            results[index] = result
     return results
 
 

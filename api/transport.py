@@ -22,7 +22,7 @@ from typing import cast
 
 import httpx2
 
-BODY = "chat_api.body"  # the response extension holding the `Body`, for readers that skip httpx
+BODY = "chat_api.body"  # the response extension holding its `BodyStream`, for readers that skip httpx
 _MAX_HEAD = 64 * 1024
 _HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses until the reader catches up
 _KEEPALIVE_SECONDS = 5.0  # the same idle expiry as httpx's default
@@ -62,7 +62,8 @@ class Body:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def read(self) -> bytes:
+        """The bytes that arrived since the last read, waiting for some; b"" at the end of the body."""
         conn = self._conn
         while True:
             if self._pieces:
@@ -71,20 +72,23 @@ class Body:
                 self._pieces = []
                 self._size = 0
                 conn.resume()
-                yield data
-            elif self._error is not None:
+                return data
+            if self._error is not None:
                 raise self._error
-            elif self.done:
-                return
-            else:
-                self._waiter = conn.loop.create_future()
-                conn.waiting = self
-                conn.last_read = time.monotonic()  # the read timeout counts from here
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-                    conn.waiting = None
+            if self.done:
+                return b""
+            self._waiter = conn.loop.create_future()
+            conn.waiting = self
+            conn.last_read = time.monotonic()  # the read timeout counts from here
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                conn.waiting = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while data := await self.read():
+            yield data
 
 
 class _Connection(asyncio.Protocol):
@@ -343,7 +347,7 @@ def _request_head(request: httpx2.Request, length: int) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-class _Stream(httpx2.AsyncByteStream):
+class BodyStream(httpx2.AsyncByteStream):
     """The body as httpx sees it; closing it hands the connection back to the pool when that is safe."""
 
     def __init__(self, pool: LeanTransport, key: tuple[str, str, int], conn: _Connection, body: Body) -> None:
@@ -363,6 +367,12 @@ class _Stream(httpx2.AsyncByteStream):
         self._closed = True
         self._pool._release(self._key, self._conn, self.body.done)
 
+    def close(self) -> None:
+        """`aclose` for a caller outside httpx: nothing in it waits."""
+        if not self._closed:
+            self._closed = True
+            self._pool._release(self._key, self._conn, self.body.done)
+
 
 class LeanTransport(httpx2.AsyncBaseTransport):
     def __init__(self, *, max_connections: int = 10_000, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -380,10 +390,14 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             raise httpx2.UnsupportedProtocol(f"unsupported scheme {scheme!r}", request=request)
         key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
         payload = await request.aread()
-        try:
-            await asyncio.wait_for(self._limit.acquire(), timeouts.get("pool"))
-        except TimeoutError as exc:
-            raise httpx2.PoolTimeout("no upstream connection free in time", request=request) from exc
+        if self._limit.locked():  # only then is there a wait to bound (asyncio.timeout: no task per request)
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._limit.acquire()
+            except TimeoutError as exc:
+                raise httpx2.PoolTimeout("no upstream connection free in time", request=request) from exc
+        else:
+            await self._limit.acquire()
         conn: _Connection | None = None
         try:
             conn = self._idle_connection(key) or await self._connect(key, request, timeouts.get("connect"))
@@ -399,14 +413,14 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             raise
         body = conn._body
         assert body is not None
-        stream = _Stream(self, key, conn, body)
+        stream = BodyStream(self, key, conn, body)
         extensions: dict[str, object] = {"http_version": b"HTTP/1.1", "reason_phrase": reason}
         # `Body` hands out the bytes as sent, so a compressed body (the API gzips event streams for
         # the SDK's `accept-encoding: gzip`) is left to httpx, which decodes it.
         if not any(
             name.lower() == b"content-encoding" and value.lower() != b"identity" for name, value in headers
         ):
-            extensions[BODY] = body
+            extensions[BODY] = stream
         return httpx2.Response(status, headers=headers, stream=stream, extensions=extensions)
 
     def _idle_connection(self, key: tuple[str, str, int]) -> _Connection | None:

@@ -18,7 +18,7 @@ import httpx2
 from api.config import Settings
 from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
 from api.sse import ReplyDecoder, UpstreamEventError
-from api.transport import BODY, Body, LeanTransport
+from api.transport import BODY, BodyStream, LeanTransport
 
 DEFAULT_RETRY_AFTER = 5.0
 
@@ -65,12 +65,16 @@ class ReplyBroken(Exception):
 class Reply:
     """One open reply stream. Iterate `chunks()` for UTF-8 text; always `close()` it."""
 
-    __slots__ = ("_response", "decoder", "request_id")
+    __slots__ = ("_response", "_stream", "decoder", "request_id")
 
     def __init__(self, response: anthropic.AsyncAPIResponse[Any]) -> None:
-        self._response = response
         self.decoder = ReplyDecoder()
         self.request_id: str | None = response.request_id
+        # On the lean transport only its body stream is kept: the SDK's request and response objects
+        # (the request's options, a copy of its messages, both sets of headers) are a good part of
+        # what an open stream would otherwise hold in memory.
+        self._stream: BodyStream | None = response.http_response.extensions.get(BODY)
+        self._response = None if self._stream is not None else response
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Text as it arrives; several deltas that arrive in one read come out as one chunk.
@@ -79,20 +83,27 @@ class Reply:
         `message_stop`: text already yielded stays yielded, so only the caller knows what to undo.
         """
         decoder = self.decoder
-        http_response = self._response.http_response
-        body: Body | None = http_response.extensions.get(BODY)
-        # The lean transport's body is read directly; any other (a proxy's) through httpx.
-        source = body.chunks() if body is not None else http_response.aiter_bytes()
         try:
             # Reading on to the end of the body (not stopping at message_stop) hands the
             # connection back to the pool for the next turn instead of closing it.
-            async for raw in source:
-                if decoder.done:
-                    continue
-                text = decoder.feed(raw)
-                if text:
-                    yield text
-                    decoder.check()
+            if self._stream is not None:  # the lean transport's body, read directly
+                body = self._stream.body
+                while raw := await body.read():
+                    if decoder.done:
+                        continue
+                    text = decoder.feed(raw)
+                    if text:
+                        yield text
+                        decoder.check()
+            else:  # any other transport's (an egress proxy's), through httpx
+                assert self._response is not None
+                async for raw in self._response.http_response.aiter_bytes():
+                    if decoder.done:
+                        continue
+                    text = decoder.feed(raw)
+                    if text:
+                        yield text
+                        decoder.check()
         except UpstreamEventError as exc:
             kind = "overloaded" if exc.error_type == "overloaded_error" else "error_event"
             raise ReplyBroken(str(exc), kind) from exc
@@ -108,7 +119,10 @@ class Reply:
             raise ReplyBroken("the upstream ended the reply without message_stop", "incomplete")
 
     async def close(self) -> None:
-        await self._response.close()
+        if self._stream is not None:
+            self._stream.close()
+        elif self._response is not None:
+            await self._response.close()
 
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
@@ -140,6 +154,9 @@ class Upstream:
             "max_tokens": request.max_tokens,
             "messages": request.messages,
             "stream": True,
+            # The SDK asks for gzip; a compressed stream would have to go through httpx's decoders
+            # instead of being read straight off the lean transport. Text deltas compress little.
+            "extra_headers": {"accept-encoding": "identity"},
         }
         if request.system:
             params["system"] = request.system

@@ -17,7 +17,7 @@ import pytest
 import redis as sync_redis
 
 from api.config import Settings
-from api.main import make_redis
+from api.redis_client import make_redis
 from api.outcomes import Outcome
 from api.ratelimit import Admission
 from api.scripts import Scripts
@@ -289,3 +289,19 @@ def test_limits_survive_a_redis_that_forgot_its_scripts(
     assert [m["content"] for m in app.history("n")][-1] == "w0 w1 w2 w3 w4 w5 "
     # The lease was given back: one stream at a time, and the next is admitted at once.
     assert app.chat("n", "three").status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_turn_whose_lease_lapsed_is_still_charged_once(
+    admission_for: Callable[..., Admission], rdb: sync_redis.Redis
+) -> None:
+    """A worker cut off from Redis for a whole lease ttl still pays for the tokens its turn used."""
+    admission = admission_for(rate_limit_tokens=100, lock_ttl_seconds=0.2)
+    decision = await admission.admit("k")
+    assert decision.ticket is not None
+    await asyncio.sleep(0.3)  # the lease is gone
+    assert not rdb.exists(decision.ticket.keys[1])
+    assert await admission.settle_call(decision.ticket, 150).run() == 1
+    assert await admission.settle_call(decision.ticket, 150).run() == 0  # a re-send charges nothing
+    refused = await admission.admit("k")
+    assert not refused.allowed and refused.message.startswith("over the limit of 100 tokens")

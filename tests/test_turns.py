@@ -436,3 +436,19 @@ def test_a_lock_taken_whose_reply_was_lost_is_given_back(
     assert [k for k in rdb.scan_iter(f"{prefix}:*") if k.endswith(":lock")] == []
     monkeypatch.setattr(SessionStore, "begin", real)
     assert app.chat("s", "again").status_code == 200
+
+
+def test_a_reply_that_fails_before_its_first_text_is_asked_for_again(
+    live_app: StartApp, standin: StandInModel, rdb: sync_redis.Redis, prefix: str
+) -> None:
+    """The API reports overload inside a 200 too; before any text reached the client, that is as
+    retryable as a 529, and after the retries it is the same 503."""
+    app = live_app(upstream_max_retries=2)
+    app.chat("s", "before")
+    before_state = redis_state(rdb, prefix)
+    started = standin.streams_started
+    response = app.chat("s", "x @@error_after=0")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["type"] == "unavailable"
+    assert standin.streams_started - started == 3  # the first attempt and two retries
+    assert redis_state(rdb, prefix) == before_state
