@@ -1,0 +1,149 @@
+"""A TCP proxy in front of Redis that counts what a worker sends: commands, and round trips.
+
+A round trip is a burst of commands the client sends before it waits for a reply: the proxy counts
+one each time client bytes arrive after the server last spoke on that connection. Commands are the
+top-level RESP arrays in the client's bytes. Commands that scripts run inside Redis are not on the
+wire; `INFO commandstats` counts those (see `server_calls`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import redis
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.commands = 0
+        self.round_trips = 0
+        self.by_name: dict[str, int] = {}
+
+
+class _Resp:
+    """Counts the commands in a client's RESP stream, across reads."""
+
+    def __init__(self, counts: _Counts) -> None:
+        self.counts = counts
+        self.buf = b""
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            parsed = self._command(self.buf)
+            if parsed is None:
+                return
+            name, used = parsed
+            self.buf = self.buf[used:]
+            self.counts.commands += 1
+            self.counts.by_name[name] = self.counts.by_name.get(name, 0) + 1
+
+    @staticmethod
+    def _command(buf: bytes) -> tuple[str, int] | None:
+        if not buf.startswith(b"*"):
+            if not buf:
+                return None
+            raise ValueError(f"not a RESP command: {buf[:40]!r}")
+        end = buf.find(b"\r\n")
+        if end < 0:
+            return None
+        items = int(buf[1:end])
+        pos = end + 2
+        name = ""
+        for index in range(items):
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                return None
+            length = int(buf[pos + 1 : end])
+            start = end + 2
+            if len(buf) < start + length + 2:
+                return None
+            if index == 0:
+                name = buf[start : start + length].decode().upper()
+            pos = start + length + 2
+        return name, pos
+
+
+class RedisMeter:
+    """Runs the proxy on its own thread and event loop; `url` is what the worker should use."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.counts = _Counts()
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> RedisMeter:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def reset(self) -> None:
+        self._loop.call_soon_threadsafe(self._reset)
+
+    def snapshot(self) -> dict[str, Any]:
+        async def read() -> dict[str, Any]:
+            c = self.counts
+            return {"commands": c.commands, "round_trips": c.round_trips, "by_name": dict(c.by_name)}
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
+
+    def _reset(self) -> None:
+        self.counts = _Counts()
+
+    async def _start(self) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._client, "127.0.0.1", 0)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        # True once the server has answered: the client's next bytes start a new round trip.
+        state = {"answered": True}
+        parser = _Resp(self.counts)
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if state["answered"]:
+                    self.counts.round_trips += 1
+                    state["answered"] = False
+                parser.counts = self.counts
+                parser.feed(data)
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                state["answered"] = True
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+
+def server_calls(url: str) -> dict[str, int]:
+    """Calls per command as Redis counts them, scripts' inner commands included."""
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_").upper(): int(value["calls"]) for name, value in stats.items()}

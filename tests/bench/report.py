@@ -1,0 +1,164 @@
+"""The bench's results as a markdown table (with ratios and targets), JSON, and a PNG of the sweep."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+# Targets from the performance goals: (key, limit, True when higher is better).
+GOALS = {
+    "ttfb_c1_p50": (2.0, False),
+    "max_streams": (1000, True),
+    "cpu_per_1k": (0.15, False),
+    "kib_per_stream": (20.0, False),
+    "round_trips": (3, False),
+    "commands": (8, False),
+}
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 10):
+        return f"{int(value):,}"
+    return f"{value:.{digits}f}"
+
+
+def _ratio(ours: float | None, other: float | None, higher_better: bool) -> str:
+    """How many times better this service is than `other` (so > 1 is better either way)."""
+    if ours is None or other is None or math.isnan(ours) or math.isnan(other):
+        return "n/a"
+    if higher_better:
+        return f"{ours / other:.1f}×" if other > 0 else "n/a"
+    return f"{other / ours:.1f}×" if ours > 0 else "∞"
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per figure: the value for each target, in display order."""
+    t = results["targets"]
+    floor, tutorial, service = t["floor"], t["tutorial"], t["service"]
+
+    def added(name: str, clients: int, q: str) -> dict[str, float | None]:
+        base = floor["first_byte"][str(clients)][q]
+        return {
+            "floor": 0.0,
+            "tutorial": tutorial["first_byte"][str(clients)][q] - base,
+            "service": service["first_byte"][str(clients)][q] - base,
+            "one_shot": t["service_one_shot"]["first_byte"][str(clients)][q] - base,
+        }
+
+    def each(key: str) -> dict[str, float | None]:
+        return {name: t[name].get(key) for name in ("floor", "tutorial", "service")}
+
+    redis = results["redis"]
+    table = [
+        ("ttfb_c1_p50", "added time to first text byte, p50, 1 client (ms)", added("", 1, "p50_ms"), False),
+        ("ttfb_c1_p99", "added time to first text byte, p99, 1 client (ms)", added("", 1, "p99_ms"), False),
+        (
+            "ttfb_c50_p50",
+            "added time to first text byte, p50, 50 clients (ms)",
+            added("", 50, "p50_ms"),
+            False,
+        ),
+        (
+            "ttfb_c50_p99",
+            "added time to first text byte, p99, 50 clients (ms)",
+            added("", 50, "p99_ms"),
+            False,
+        ),
+        (
+            "max_streams",
+            "concurrent streams one worker holds (p99 ≤ 1.25× duration, no errors)",
+            each("max_streams"),
+            True,
+        ),
+        (
+            "cpu_per_1k",
+            f"CPU-seconds per 1,000 deltas at {results['fixed_load']} streams",
+            each("cpu_per_1k"),
+            False,
+        ),
+        ("kib_per_stream", "memory per open stream (KiB)", each("kib_per_stream"), False),
+        (
+            "round_trips",
+            "Redis round trips per committed turn",
+            {"floor": 0, "tutorial": 0, "service": redis["round_trips"]},
+            False,
+        ),
+        (
+            "commands",
+            "Redis commands per committed turn",
+            {"floor": 0, "tutorial": 0, "service": redis["commands"]},
+            False,
+        ),
+    ]
+    return [{"key": k, "label": label, "values": v, "higher_better": hb} for k, label, v, hb in table]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| figure | floor: client → stand-in | tutorial's design | this service | vs tutorial | goal | met |",
+        "|---|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for row in rows(results):
+        v = row["values"]
+        key = row["key"]
+        versus = (
+            ""
+            if key in ("round_trips", "commands")
+            else _ratio(v["service"], v["tutorial"], row["higher_better"])
+        )
+        if key.startswith("ttfb"):
+            versus = f"{_fmt(v['tutorial'] - v['service'])} ms less" if v["tutorial"] is not None else "n/a"
+        goal, met = "", ""
+        if key in GOALS:
+            limit, higher = GOALS[key]
+            value = v["service"]
+            ok = value is not None and (value >= limit if higher else value <= limit)
+            goal = f"{'≥' if higher else '≤'} {_fmt(limit)}"
+            met = "yes" if ok else "**no**"
+        lines.append(
+            f"| {row['label']} | {_fmt(v['floor'])} | {_fmt(v['tutorial'])} | {_fmt(v['service'])} "
+            f"| {versus} | {goal} | {met} |"
+        )
+    one_shot = results["targets"]["service_one_shot"]["first_byte"]
+    floor = results["targets"]["floor"]["first_byte"]
+    lines += [
+        "",
+        f"Floor, absolute: first text byte p50 {_fmt(floor['1']['p50_ms'])} ms at 1 client, "
+        f"{_fmt(floor['50']['p50_ms'])} ms at 50. A one-shot turn (`/chat/stream`, no session) adds "
+        f"{_fmt(one_shot['1']['p50_ms'] - floor['1']['p50_ms'])} ms at p50, 1 client.",
+    ]
+    lines += [f"- {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = {"floor": "floor (stand-in direct)", "tutorial": "tutorial's design", "service": "this service"}
+    for name, label in names.items():
+        sweep = results["targets"][name]["sweep"]
+        xs = [r["streams"] for r in sweep]
+        left.plot(xs, [r["inflation_p99"] for r in sweep], marker="o", label=label)
+        right.plot(xs, [r["worker_cpu_per_1k_deltas"] for r in sweep], marker="o", label=label)
+    left.axhline(results["limit"], color="grey", linestyle="--", linewidth=1)
+    left.set(
+        xlabel="concurrent streams", ylabel="p99 stream duration ÷ upstream's", title="Duration inflation"
+    )
+    left.set_ylim(0.95, max(2.0, results["limit"] + 0.25))
+    right.set(xlabel="concurrent streams", ylabel="CPU-seconds per 1,000 deltas", title="Cost per delta")
+    right.set_ylim(bottom=0)
+    for axis in (left, right):
+        axis.set_xscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(results["machine"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

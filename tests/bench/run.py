@@ -1,0 +1,206 @@
+"""`python -m tests.bench`: this service against the floor and the tutorial's design, in one run.
+
+Everything runs on loopback: a stand-in model, Redis, one worker of each design on a core of its own,
+and the load generator. Figures are printed as a markdown table and written, with the sweep's raw
+data, to `<out>/results.json`, `<out>/results.md` and `<out>/sweep.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.bench import measure, report
+from tests.bench.measure import Load, Others, Shape, Target
+from tests.bench.redis_meter import RedisMeter, server_calls
+from tests.bench.targets import Cores, Process, redis_for_bench, service_worker, standin, tutorial_worker
+
+LEVELS = [50, 100, 200, 300, 500, 750, 1000, 1250, 1500, 2000]
+LIMIT = 1.25  # a stream is on time while it lasts at most this many times the upstream's own duration
+FIXED_LOAD = 200  # concurrent streams at which CPU per delta is compared
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {len(Cores.split().worker or [0]) + len(Cores.split().load or [])} cores, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+@contextlib.contextmanager
+def running(*processes: Process) -> Iterator[None]:
+    try:
+        for process in processes:
+            process.start()
+        yield
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that every process the bench started is stopped by PID
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _stop)
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="where results go")
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the bench works")
+    parser.add_argument("--levels", help="comma-separated concurrency levels for the sweep")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    quick = args.quick
+    levels = [int(x) for x in args.levels.split(",")] if args.levels else ([10, 20] if quick else LEVELS)
+    fixed = min(FIXED_LOAD, levels[-1]) if quick else FIXED_LOAD
+    shape = Shape(deltas=5, delay=0.1) if quick else Shape(deltas=30, delay=0.1)
+    cores = Cores.split()
+    notes = [f"Pinning: {cores.describe()}."]
+    if not cores.pinned:
+        notes.append("Only one core: the worker shares it with the load generator and the stand-in.")
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "shape": {"deltas": shape.deltas, "delay": shape.delay},
+        "limit": LIMIT,
+        "fixed_load": fixed,
+        "quick": quick,
+        "targets": {},
+        "notes": notes,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    load = Load(cores)
+    with (
+        tempfile.TemporaryDirectory(prefix="chat-api-bench-") as work,
+        redis_for_bench(cores, Path(work)) as redis,
+    ):
+        logs = Path(work)
+        model = standin(cores, logs)
+        with running(model):
+            service = service_worker(cores, logs, redis.url, model.url)
+            tutorial = tutorial_worker(cores, logs, model.url)
+            others = Others([model.pid] + ([redis.pid] if redis.pid else []))
+            auth = ["authorization: Bearer bench-key", "anthropic-version: 2023-06-01"]
+            targets = [
+                Target("floor", model, "/v1/messages", sse=True, headers=auth),
+                Target("tutorial", tutorial, "/chat/t{run}-{i}-{n}/stream"),
+                Target("service", service, "/chat/b{run}-{i}-{n}/stream"),
+            ]
+            one_shot = Target("service_one_shot", service, "/chat/stream")
+            with running(service, tutorial):
+                for target in targets:
+                    results["targets"][target.name] = run_target(
+                        load, target, shape, levels, fixed, others, quick, log,
+                        # The floor's own "worker" is the stand-in, on the load cores with the rest.
+                        others=Others([redis.pid] if redis.pid else []) if target.name == "floor" else others,
+                    )  # fmt: skip
+                log("one-shot turns")
+                results["targets"]["service_one_shot"] = {
+                    "first_byte": first_bytes(load, one_shot, quick),
+                }
+            log("Redis per turn")
+            results["redis"] = redis_phase(load, cores, logs, redis.url, model.url, quick)
+        check_load_side(results, notes)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = report.markdown(results)
+    (args.out / "results.md").write_text(table)
+    report.plot(results, args.out / "sweep.png")
+    print(table)
+    log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'sweep.png'}")
+
+
+def first_bytes(load: Load, target: Target, quick: bool) -> dict[str, Any]:
+    return {
+        "1": measure.first_byte(load, target, clients=1, requests=10 if quick else 300),
+        "50": measure.first_byte(load, target, clients=50, requests=50 if quick else 1500),
+    }
+
+
+def run_target(
+    load: Load,
+    target: Target,
+    shape: Shape,
+    levels: list[int],
+    fixed: int,
+    _others: Others,
+    quick: bool,
+    log: Any,
+    *,
+    others: Others,
+) -> dict[str, Any]:
+    log(f"{target.name}: warm-up")
+    load.run(target, Shape(deltas=5, delay=0.0), clients=10, rounds=2, ramp=0.0, timeout=30)
+    # Memory first, while the process has not yet grown to the sweep's peak and kept it.
+    memory = measure.memory_per_stream(load, target, 50 if quick else 500, seconds=2.5 if quick else 10.0)
+    log(f"{target.name}: {memory['kib_per_stream']:.1f} KiB per open stream; first byte")
+    first = first_bytes(load, target, quick)
+    log(f"{target.name}: sweep")
+    sweep = measure.sweep(
+        load, target, shape, levels, others, limit=LIMIT, rounds=1 if quick else 2, must_reach=fixed, log=log
+    )
+    best = measure.most_held(sweep)
+    at_fixed = next((r for r in sweep if r["streams"] == fixed), None)
+    return {
+        "memory": memory,
+        "kib_per_stream": memory["kib_per_stream"],
+        "first_byte": first,
+        "sweep": sweep,
+        "max_streams": best["streams"] if best else 0,
+        "cpu_per_1k": at_fixed["worker_cpu_per_1k_deltas"] if at_fixed else None,
+    }
+
+
+def redis_phase(
+    load: Load, cores: Cores, logs: Path, redis_url: str, upstream: str, quick: bool
+) -> dict[str, Any]:
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    with RedisMeter(host, int(port)) as meter:
+        worker = service_worker(cores, logs, meter.url, upstream, name="service-metered")
+        with running(worker):
+            target = Target("service", worker, "/chat/m{run}-{i}-{n}/stream")
+            return measure.redis_per_turn(
+                load, target, meter, server_calls, redis_url, turns=10 if quick else 40
+            )
+
+
+def check_load_side(results: dict[str, Any], notes: list[str]) -> None:
+    """Say whether the stand-in, Redis and the load generator kept up where the figures come from."""
+    for name in ("tutorial", "service"):
+        target = results["targets"][name]
+        for result in target["sweep"]:
+            if result["streams"] > target["max_streams"] and result is not target["sweep"][-1]:
+                continue
+            busy = result["load_utilisation"]
+            if busy > 0.85 and result["streams"] <= max(target["max_streams"], 1) * 1.5:
+                notes.append(
+                    f"{name} at {result['streams']} streams: the load side was {busy:.0%} busy, so it may "
+                    "have been the bottleneck; that figure is a lower bound."
+                )
+        best = next((r for r in target["sweep"] if r["streams"] == target["max_streams"]), None)
+        if best is not None:
+            notes.append(
+                f"{name} at its most ({best['streams']} streams): worker {best['worker_utilisation']:.0%} of "
+                f"its core, load side {best['load_utilisation']:.0%} of its core(s), "
+                f"{best['worker_cpu_per_1k_deltas']:.3f} CPU-s per 1,000 deltas."
+            )
+    floor = results["targets"]["floor"]
+    notes.append(
+        f"Floor: the stand-in held {floor['max_streams']} streams on time "
+        f"(of {floor['sweep'][-1]['streams']} tried) on the load core(s)."
+    )
