@@ -17,9 +17,9 @@ import pytest
 import redis as sync_redis
 
 from api.config import Settings
-from api.redis_client import make_redis
 from api.outcomes import Outcome
 from api.ratelimit import Admission
+from api.redis_client import make_redis
 from api.scripts import Scripts
 from api.standin import StandInModel
 from tests.conftest import LiveApp
