@@ -34,7 +34,6 @@ from api.errors import (
 )
 from api.history import CommitRefused, SessionStore, Snapshot, stored_message
 from api.keys import SessionKeys, session_keys
-from api.locks import SessionLock
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
 from api.ratelimit import Admission, Quota, Ticket
 from api.renewals import Renewer
@@ -359,9 +358,9 @@ class ChatService:
             self.renewer.add(hold)
 
     async def _release_unconfirmed(self, keys: SessionKeys, token: str) -> None:
-        lock = SessionLock(self.store.redis, self.store.scripts, keys.lock, token, 1)
+        release = ScriptCall(self.store.scripts.release_lock, [keys.lock], [token])
         try:
-            await asyncio.shield(lock.release_call().run())
+            await asyncio.shield(release.run())
         except BaseException:
             log.debug("could not release a lock whose taking was not confirmed; it expires", exc_info=True)
 

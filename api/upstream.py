@@ -8,7 +8,7 @@ because parsing every event into typed objects is most of a relay's cost per tok
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,24 +86,14 @@ class Reply:
         try:
             # Reading on to the end of the body (not stopping at message_stop) hands the
             # connection back to the pool for the next turn instead of closing it.
-            if self._stream is not None:  # the lean transport's body, read directly
-                body = self._stream.body
-                while raw := await body.read():
-                    if decoder.done:
-                        continue
-                    text = decoder.feed(raw)
-                    if text:
-                        yield text
-                        decoder.check()
-            else:  # any other transport's (an egress proxy's), through httpx
-                assert self._response is not None
-                async for raw in self._response.http_response.aiter_bytes():
-                    if decoder.done:
-                        continue
-                    text = decoder.feed(raw)
-                    if text:
-                        yield text
-                        decoder.check()
+            read = self._reader()
+            while raw := await read():
+                if decoder.done:
+                    continue
+                text = decoder.feed(raw)
+                if text:
+                    yield text
+                    decoder.check()
         except UpstreamEventError as exc:
             kind = "overloaded" if exc.error_type == "overloaded_error" else "error_event"
             raise ReplyBroken(str(exc), kind) from exc
@@ -117,6 +107,15 @@ class Reply:
                 ) from exc
         if not decoder.done:
             raise ReplyBroken("the upstream ended the reply without message_stop", "incomplete")
+
+    def _reader(self) -> Callable[[], Awaitable[bytes]]:
+        """The next bytes of the body (b"" at its end): the lean transport's read, straight; any other
+        transport's (an egress proxy's) through httpx's iterator."""
+        if self._stream is not None:
+            return self._stream.body.read
+        assert self._response is not None
+        raw = self._response.http_response.aiter_bytes()
+        return lambda: anext(raw, b"")
 
     async def close(self) -> None:
         if self._stream is not None:
