@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -151,6 +152,15 @@ async def asgi_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=with_state)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll a server counter: connection_lost runs a loop iteration or so after the client leaves."""
+    for _ in range(200):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached within 2 s")
 
 
 @pytest.fixture

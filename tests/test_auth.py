@@ -100,6 +100,8 @@ async def test_health_and_docs_stay_open(keyed: tuple[httpx.AsyncClient, list[Tu
     assert (await http.get("/healthz")).status_code == 200
     assert (await http.get("/readyz")).status_code == 200
     assert (await http.get("/openapi.json")).status_code == 200
+    metrics = await http.get("/metrics")
+    assert metrics.status_code == 200 and "chat_requests_total" in metrics.text
 
 
 def test_keys_cannot_see_each_others_sessions(live_app: StartApp) -> None:

@@ -305,3 +305,28 @@ async def test_a_turn_whose_lease_lapsed_is_still_charged_once(
     assert await admission.settle_call(decision.ticket, 150).run() == 0  # a re-send charges nothing
     refused = await admission.admit("k")
     assert not refused.allowed and refused.message.startswith("over the limit of 100 tokens")
+
+
+@pytest.mark.anyio
+async def test_admission_costs_one_round_trip(redis_url: str, make_settings: Callable[..., Settings]) -> None:
+    """Every limit is checked and taken by one script: one command, one round trip, on the wire."""
+    from tests.bench.redis_meter import RedisMeter
+
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    with RedisMeter(host, int(port)) as meter:
+        client = make_redis(make_settings(redis_url=meter.url))
+        admission = Admission(
+            client,
+            Scripts.register(client),
+            make_settings(rate_limit_requests=100, rate_limit_tokens=1000, rate_limit_concurrent=10),
+        )
+        try:
+            await admission.admit("warm")  # connects, and loads the script once
+            meter.reset()
+            decision = await admission.admit("k")
+            counts = meter.snapshot()
+        finally:
+            await client.aclose(close_connection_pool=True)
+    assert decision.allowed
+    assert counts["round_trips"] == 1
+    assert counts["by_name"] == {"EVALSHA": 1}

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import anthropic
 import httpx2
@@ -15,6 +15,7 @@ import pytest
 from anthropic.types import Message, MessageParam
 
 from api.standin import MAX_RECORDED, StandInModel, StandInThread
+from tests.conftest import until
 
 MODEL = "claude-test"
 
@@ -51,15 +52,6 @@ def text_of(message: Message) -> str:
 
 def user(text: str) -> list[MessageParam]:
     return [{"role": "user", "content": text}]
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Poll a server counter: connection_lost runs a loop iteration or so after the client leaves."""
-    for _ in range(200):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached within 2 s")
 
 
 async def stream_text(client: anthropic.AsyncAnthropic, text: str, got: list[str] | None = None) -> Message:

@@ -19,6 +19,7 @@ import pytest
 
 from api.standin import StandInModel
 from api.transport import BODY, BodyStream, LeanTransport
+from tests.conftest import until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 
@@ -106,14 +107,6 @@ def reset(writer: asyncio.StreamWriter) -> None:
     sock = writer.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    for _ in range(200):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached within 2 s")
 
 
 def respond_with(*parts: bytes, keep: bool = True, gap: float = 0.002) -> Respond:

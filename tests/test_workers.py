@@ -87,5 +87,5 @@ def test_a_worker_killed_mid_stream_commits_nothing(two_workers: list[Worker]) -
     # The dead worker's lock keeps the session for at most its ttl (2 s); then the other worker serves it.
     started = time.monotonic()
     wait_until(lambda: turn(second, "crash", "after").status_code == 200, 5, "the lock to expire")
-    assert time.monotonic() - started < 3.5
+    assert time.monotonic() - started < 2.6  # the ttl, and a poll and a turn of slack
     assert messages(second, "crash") == ["before", "echo: before [turns=1]", "after", "echo: after [turns=2]"]

@@ -9,6 +9,7 @@ wire; `INFO commandstats` counts those (see `server_calls`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -76,6 +77,7 @@ class RedisMeter:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -91,10 +93,16 @@ class RedisMeter:
         async def stop() -> None:
             assert self._server is not None
             self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            for writer in list(self._writers):
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     def reset(self) -> None:
         self._loop.call_soon_threadsafe(self._reset)
@@ -114,6 +122,7 @@ class RedisMeter:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.update((writer, up_writer))
         # True once the server has answered: the client's next bytes start a new round trip.
         state = {"answered": True}
         parser = _Resp(self.counts)
@@ -137,6 +146,7 @@ class RedisMeter:
             writer.close()
 
         await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+        self._writers.difference_update((writer, up_writer))
 
 
 def server_calls(url: str) -> dict[str, int]:
