@@ -96,7 +96,9 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: httpx2.Request) -> None:
         self.loop = loop
-        self.request = request
+        # Only until the response head: then httpx attaches the request to any later error itself,
+        # and an open stream does not keep the request (its headers, its whole payload) alive.
+        self.request: httpx2.Request | None = request
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = False
@@ -146,6 +148,7 @@ class _Connection(asyncio.Protocol):
                 self.data_received(b"")
             return
         self._start_body(status, headers)
+        self.request = None
         self._head.set_result((status, reason, headers))
         if rest:
             self._read_body(rest)
@@ -202,7 +205,10 @@ class _Connection(asyncio.Protocol):
             self.transport.write(_request_head(request, len(payload)) + payload)
         except (OSError, RuntimeError) as exc:
             raise httpx2.WriteError(str(exc), request=request) from exc
-        return await self._head
+        try:
+            return await self._head
+        finally:
+            self._head = None  # its result (the headers) is the caller's now
 
     def _start_body(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._body = Body(self)
@@ -218,7 +224,7 @@ class _Connection(asyncio.Protocol):
             elif lower == b"connection":
                 close = b"close" in value.lower()
         self.reusable = not close
-        if status in (204, 304) or self.request.method == "HEAD":
+        if status in (204, 304) or (self.request is not None and self.request.method == "HEAD"):
             chunked, length = False, 0
         if chunked:
             self._mode, self._chunk_state = "chunked", 0
