@@ -89,7 +89,13 @@ class Hold:
     reply: Reply | None = None  # the upstream connection
     relayed: int = 0  # bytes of reply text written: what a reply that ends early cost, at least
     lost: bool = False  # the renewer found the session lock taken by another turn
-    renewals: tuple[ScriptCall | None, ScriptCall | None] = (None, None)
+    admission: Admission | None = None  # whose lease script renews the ticket
+
+    def renewals(self) -> tuple[ScriptCall | None, ScriptCall | None]:
+        lock = self.snapshot.lock.renew_call() if self.snapshot is not None else None
+        ticket, admission = self.ticket, self.admission
+        lease = admission.renew_call(ticket) if ticket is not None and admission is not None else None
+        return lock, lease
 
     def tokens(self) -> int:
         if self.reply is None:
@@ -280,6 +286,9 @@ class ChatService:
                     raise SessionBusy("another turn of this session is in progress; retry when it ends")
                 begun = time.monotonic()
                 history = hold.snapshot.messages
+                # Past the context built below the history is not needed: an open stream should not
+                # keep a whole session's messages in memory.
+                hold.snapshot.messages = []
             self._keep_alive(hold)
             user_text = body.message or ""
             if body.regenerate:
@@ -351,10 +360,8 @@ class ChatService:
             return None
 
     def _keep_alive(self, hold: Hold) -> None:
-        lock = hold.snapshot.lock.renew_call() if hold.snapshot is not None else None
-        lease = self.admission.renew_call(hold.ticket) if hold.ticket is not None else None
-        if lock is not None or lease is not None:
-            hold.renewals = (lock, lease)
+        if hold.snapshot is not None or hold.ticket is not None:
+            hold.admission = self.admission
             self.renewer.add(hold)
 
     async def _release_unconfirmed(self, keys: SessionKeys, token: str) -> None:

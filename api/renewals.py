@@ -23,7 +23,10 @@ log = logging.getLogger("api.renewals")
 
 class Renewable(Protocol):
     lost: bool  # set when the lock turned out to be someone else's: the turn must stop
-    renewals: tuple[ScriptCall | None, ScriptCall | None]  # the lock's renewal, the lease's
+
+    def renewals(self) -> tuple[ScriptCall | None, ScriptCall | None]:
+        """The lock's renewal and the lease's, built when they are sent: an open stream keeps none."""
+        ...
 
 
 class Renewer:
@@ -47,7 +50,7 @@ class Renewer:
         calls: list[ScriptCall] = []
         locks: list[tuple[Renewable, int]] = []  # which result tells each item whether it kept its lock
         for item in items:
-            lock, lease = item.renewals
+            lock, lease = item.renewals()
             if lock is not None:
                 locks.append((item, len(calls)))
                 calls.append(lock)
