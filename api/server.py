@@ -12,6 +12,7 @@ import uvicorn
 from api.config import Settings
 from api.logs import configure_logging
 from api.metrics import MULTIPROC_DIR, prepare_shared_dir
+from api.protocol import ChatHttpProtocol
 
 # On SIGTERM the app first drains for up to CHAT_DRAIN_SECONDS (api/drain.py); what is still running
 # once uvicorn takes over gets this long before it is cut.
@@ -23,7 +24,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": ChatHttpProtocol,  # httptools, which also tells a turn when its client leaves
         "lifespan": "on",
         "access_log": False,
         "log_config": None,

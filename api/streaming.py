@@ -20,6 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from api.chat import ChatService, Turn, TurnRequest
 from api.errors import ChatError, StoreUnavailable, StreamFailed
 from api.outcomes import Outcome, TurnReport
+from api.protocol import unwatch_disconnect, watch_disconnect
 
 log = logging.getLogger("api.chat")
 
@@ -57,13 +58,17 @@ class TurnResponse(Response):
         self.extra_headers = headers
         self.disconnected = False
         self.cancellable = True
+        self._task: asyncio.Task[Any] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         report = self.report
         started = time.monotonic()
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.create_task(self._watch(receive, task))
+        self._task = task
+        watcher: asyncio.Task[None] | None = None
+        if not watch_disconnect(scope, self._client_left):  # our server calls it; others need a task
+            watcher = asyncio.create_task(self._watch(receive))
         turn: Turn | None = None
         streaming = False
         abort = False
@@ -120,7 +125,10 @@ class TurnResponse(Response):
                 await send_error(send, ChatError("the server failed; try again"), self.extra_headers)
         finally:
             self.cancellable = False
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            else:
+                unwatch_disconnect(scope)
             if turn is not None:
                 await turn.close()
             report.duration_seconds = time.monotonic() - started
@@ -135,15 +143,18 @@ class TurnResponse(Response):
             quota = await self.service.quota(self.request.subject)
         return quota.headers() if quota is not None else []
 
-    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
-        """Cancel the turn as soon as the client goes away, so the upstream stream closes at once."""
+    async def _watch(self, receive: Receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 break
+        self._client_left()
+
+    def _client_left(self) -> None:
+        """Cancel the turn as soon as the client goes away, so the upstream stream closes at once."""
         self.disconnected = True
-        if self.cancellable:
-            task.cancel()
+        if self.cancellable and self._task is not None:
+            self._task.cancel()
 
 
 async def send_error(send: Send, error: ChatError, headers: list[tuple[bytes, bytes]]) -> None:

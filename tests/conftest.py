@@ -15,6 +15,7 @@ import redis
 from api.config import Settings
 from api.main import create_app
 from api.outcomes import TurnReport
+from api.protocol import ChatHttpProtocol
 from api.standin import StandInModel, StandInThread
 from tests.processes import RedisServer, ThreadServer
 
@@ -126,13 +127,14 @@ class LiveApp:
 
 @pytest.fixture
 def live_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveApp]]:
-    """A factory: `live_app(**settings)` starts the app on a real socket; all are stopped afterwards."""
+    """A factory: `live_app(**settings)` starts the app on a real socket (under the production server's
+    protocol unless `http` names another); all are stopped afterwards."""
     with contextlib.ExitStack() as stack:
 
-        def start(**overrides: Any) -> LiveApp:
+        def start(http: type[asyncio.Protocol] | str = ChatHttpProtocol, **overrides: Any) -> LiveApp:
             reports: list[TurnReport] = []
             app = create_app(make_settings(**overrides), on_turn_end=reports.append)
-            server = stack.enter_context(ThreadServer(app))
+            server = stack.enter_context(ThreadServer(app, http))
             live = LiveApp(server, reports)
             stack.callback(live.client.close)
             return live

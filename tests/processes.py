@@ -6,6 +6,7 @@ Every process is started in its own session with a bounded wait for readiness, a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -23,6 +24,8 @@ from typing import Any
 import httpx
 import redis
 import uvicorn
+
+from api.protocol import ChatHttpProtocol
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,13 +167,31 @@ class ThreadServer:
     """The app under uvicorn on a real socket, in a thread of the test process, so a test can read the
     reports handed to `on_turn_end` directly."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, http: type[asyncio.Protocol] | str = ChatHttpProtocol) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", http="httptools"
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", http=http
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve()
+
+        with asyncio.Runner(loop_factory=self.server.config.get_loop_factory()) as runner:
+            runner.run(serve())
+
+    def tasks(self) -> int:
+        """How many tasks the server's loop has, counted on that loop."""
+        assert self.loop is not None
+
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(5)
 
     @property
     def url(self) -> str:

@@ -17,6 +17,7 @@ import redis as sync_redis
 
 from api.keys import session_keys
 from api.outcomes import Outcome
+from api.protocol import ChatHttpProtocol
 from api.standin import StandInModel
 from tests.conftest import LiveApp
 from tests.processes import wait_until
@@ -196,10 +197,16 @@ def test_concurrent_turns_on_one_session_get_409(live_app: StartApp) -> None:
     assert len(app.history("busy")) == 2
 
 
+# Under the production protocol the server reports the disconnect itself; under plain httptools the
+# turn learns of it from `receive()`. Both must end the turn at once.
+SERVERS = [pytest.param(ChatHttpProtocol, id="chat-protocol"), pytest.param("httptools", id="httptools")]
+
+
+@pytest.mark.parametrize("http", SERVERS)
 def test_client_disconnect_closes_the_upstream_and_commits_nothing(
-    live_app: StartApp, standin: StandInModel, rdb: sync_redis.Redis, prefix: str
+    live_app: StartApp, standin: StandInModel, rdb: sync_redis.Redis, prefix: str, http: Any
 ) -> None:
-    app = live_app()
+    app = live_app(http)
     app.chat("s", "before")
     before = redis_state(rdb, prefix)
     cancelled = standin.streams_cancelled
@@ -216,10 +223,11 @@ def test_client_disconnect_closes_the_upstream_and_commits_nothing(
     assert app.chat("s", "next").status_code == 200  # no stale lock
 
 
+@pytest.mark.parametrize("http", SERVERS)
 def test_client_disconnect_before_streaming(
-    live_app: StartApp, standin: StandInModel, rdb: sync_redis.Redis, prefix: str
+    live_app: StartApp, standin: StandInModel, rdb: sync_redis.Redis, prefix: str, http: Any
 ) -> None:
-    app = live_app(upstream_timeout_seconds=10)
+    app = live_app(http, upstream_timeout_seconds=10)
     cancelled = standin.streams_cancelled
     body = orjson.dumps({"message": "slow @@first_delay=5"})
     host, port = app.url.removeprefix("http://").split(":")
