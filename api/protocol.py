@@ -44,9 +44,17 @@ def unwatch_disconnect(scope: MutableMapping[str, Any]) -> None:
 class ChatHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        # The app's task was only created above; it has not run yet, so it will find the mark.
-        if self.scope is not None and "path" in self.scope:
-            self.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]
+        # The app's task was only created above; it has not run yet, so it will find the mark. The
+        # mark is made only where uvicorn's cycle looks as this relies on; otherwise (another
+        # uvicorn release) the app waits in `receive()`, which costs memory but nothing else.
+        cycle = getattr(self, "cycle", None)
+        if (
+            cycle is not None
+            and getattr(cycle, "scope", None) is self.scope
+            and isinstance(getattr(cycle, "disconnected", None), bool)
+            and "path" in self.scope
+        ):
+            self.scope[ON_DISCONNECT] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
