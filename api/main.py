@@ -6,6 +6,7 @@ environment and connects to nothing.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import uuid
@@ -48,12 +49,13 @@ def create_app(
     *,
     on_turn_end: TurnHook | None = None,
     redis: Redis | None = None,
-    handle_signals: bool = False,
+    own_process: bool = False,
 ) -> FastAPI:
     """Build the app. `redis` lets a test hand in its own client (which it then closes itself).
 
-    `handle_signals` makes SIGTERM drain the worker (api/drain.py): for the app a server process
-    runs as its own, not for one embedded in a bigger application or a test.
+    `own_process` is for the app a server process runs as its own, not for one embedded in a bigger
+    application or a test: SIGTERM drains the worker (api/drain.py), and what start-up built is
+    moved out of the garbage collector's sight (`settle_heap`).
     """
     settings = settings or Settings()
     recorder = OutcomeRecorder(on_turn_end)
@@ -85,8 +87,9 @@ def create_app(
         state = AppState(settings, client, chat, auth, metrics)
         app.state.current = state
         drain = Drain(state, recorder, settings.drain_seconds)
-        if handle_signals:
+        if own_process:
             drain.install()
+            settle_heap()
         try:
             yield {"app": state}
         finally:
@@ -213,10 +216,18 @@ class RequestIdMiddleware:
             REQUEST_ID.reset(token)
 
 
+def settle_heap() -> None:
+    """Freeze what start-up allocated (the SDK, pydantic's schemas, FastAPI's routes: most of the
+    heap, and all of it long-lived) so that the collector stops walking it again and again on every
+    older-generation pass. It is about a tenth of a worker's CPU per stream under load."""
+    gc.collect()
+    gc.freeze()
+
+
 def __getattr__(name: str) -> Any:
     # `uvicorn api.main:app` (and each worker process of `chat-api serve`) lands here.
     if name == "app":
         settings = Settings()
         configure_logging(settings)
-        return create_app(settings, handle_signals=True)
+        return create_app(settings, own_process=True)
     raise AttributeError(name)

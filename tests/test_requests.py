@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -179,3 +180,18 @@ async def test_readiness_is_503_when_redis_is_unreachable(make_settings: Callabl
         chat = await http.post("/chat/s/stream", json={"message": "x"})
         assert_error(chat, 503, "unavailable")
         assert chat.headers["retry-after"]
+
+
+async def test_only_an_app_run_as_its_own_process_freezes_its_start_up_heap(
+    make_settings: Callable[..., Settings],
+) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    gc.unfreeze()
+    try:
+        async with asgi_client(create_app(make_settings(), redis=redis)):
+            assert gc.get_freeze_count() == 0  # embedded in a test (or a bigger app): left alone
+        async with asgi_client(create_app(make_settings(), redis=redis, own_process=True)):
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        await redis.aclose()
