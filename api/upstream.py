@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx2
+from opentelemetry import trace
 
 from api.config import Settings
 from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
@@ -136,6 +137,21 @@ def http_client(max_connections: int) -> httpx2.AsyncClient:
     return anthropic.DefaultAsyncHttpxClient(transport=LeanTransport(max_connections=max_connections))
 
 
+def sdk_tracing() -> Literal[False] | None:
+    """The SDK's OpenTelemetry spans where OpenTelemetry is set up, else off.
+
+    With no tracer provider the SDK still builds every call's span attributes for a no-op span: about
+    a twentieth of a turn's CPU. So its spans stay on (None: the SDK decides, from its own
+    `ANTHROPIC_OPEN_TELEMETRY*` variables) when a provider is registered or the environment speaks
+    of OpenTelemetry (`OTEL_*`, as `opentelemetry-instrument` and the SDK's exporters read it).
+    """
+    if any(name.startswith(("OTEL_", "ANTHROPIC_OPEN_TELEMETRY")) for name in os.environ):
+        return None
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None
+    return False
+
+
 class Upstream:
     def __init__(self, settings: Settings) -> None:
         self.client = anthropic.AsyncAnthropic(
@@ -144,6 +160,7 @@ class Upstream:
             max_retries=settings.upstream_max_retries,
             timeout=httpx2.Timeout(settings.upstream_timeout_seconds, connect=5.0),
             http_client=http_client(settings.upstream_max_connections),
+            open_telemetry=sdk_tracing(),
         )
 
     async def open(self, request: UpstreamRequest) -> Reply:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import anthropic
 import httpx2
 import pytest
+from opentelemetry import trace
 
+import api.upstream as upstream_module
 from api.chat import build_context, estimate_tokens
+from api.config import Settings
 from api.errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
-from api.upstream import open_error
+from api.upstream import Upstream, open_error
 
 
 def msg(role: str, content: str) -> dict[str, str]:
@@ -78,3 +83,37 @@ def test_an_unreachable_upstream_is_a_502_and_a_slow_one_a_504() -> None:
     request = httpx2.Request("POST", "http://upstream/v1/messages")
     assert open_error(anthropic.APIConnectionError(request=request)).status == 502
     assert open_error(anthropic.APITimeoutError(request=request)).status == 504
+
+
+def _spans_enabled(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> bool:
+    for name in list(os.environ):
+        if name.startswith(("OTEL_", "ANTHROPIC_OPEN_TELEMETRY")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    upstream = Upstream(Settings(anthropic_api_key="k", anthropic_base_url="http://127.0.0.1:9"))
+    return bool(upstream.client.open_telemetry["traces"]["enabled"])
+
+
+def test_the_sdk_spans_are_off_where_nothing_would_record_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not _spans_enabled(monkeypatch, {})
+
+
+@pytest.mark.parametrize(
+    "env", [{"OTEL_SERVICE_NAME": "chat"}, {"ANTHROPIC_OPEN_TELEMETRY_PROPAGATION": "true"}]
+)
+def test_the_sdk_spans_stay_on_where_open_telemetry_is_configured(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    assert _spans_enabled(monkeypatch, env)
+
+
+def test_the_sdk_spans_stay_on_where_a_tracer_provider_is_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_module.trace, "get_tracer_provider", trace.NoOpTracerProvider)
+    assert _spans_enabled(monkeypatch, {})
+
+
+def test_the_sdk_reads_its_own_switch_when_open_telemetry_is_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert not _spans_enabled(monkeypatch, {"OTEL_SERVICE_NAME": "chat", "ANTHROPIC_OPEN_TELEMETRY": "false"})
