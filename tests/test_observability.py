@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import httpx
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.logs import REQUEST_ID, JsonFormatter
@@ -102,3 +103,25 @@ def test_json_log_lines_carry_the_request_being_served() -> None:
     assert line["message"] == "slow redis"
     assert line["level"] == "warning"
     assert "request_id" not in orjson.loads(formatter.format(record))  # outside any request
+
+
+def test_each_request_logs_one_json_line_with_its_outcome_and_figures(
+    live_app: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = live_app(api_keys="key-one-0123456789")
+    with caplog.at_level(logging.INFO, logger="api.turns"):
+        response = app.client.post(
+            "/chat/s/stream", json={"message": "hi"}, headers={"authorization": "Bearer key-one-0123456789"}
+        )
+        assert response.status_code == 200
+        app.wait_reports(1)
+    turns = [r for r in caplog.records if getattr(r, "turn", None) is not None]
+    assert len(turns) == 1
+    line = orjson.loads(JsonFormatter().format(turns[0]))
+    assert line["message"] == "turn success"
+    assert line["outcome"] == "success" and line["status"] == 200 and line["committed"] is True
+    assert line["request_id"] == response.headers["x-request-id"] and line["session_id"] == "s"
+    assert line["output_tokens"] > 0 and line["input_tokens"] > 0
+    assert 0 < line["first_token_seconds"] <= line["duration_seconds"]
+    assert line["duration_seconds"] == round(line["duration_seconds"], 4)
+    assert "tenant" not in line  # derived from the API key: not for log files
