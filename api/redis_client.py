@@ -52,6 +52,9 @@ def make_redis(settings: Settings) -> Redis:
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_timeout_seconds,  # waiting for a free connection
         socket_connect_timeout=min(2.0, settings.redis_timeout_seconds),
+        # Said outright: redis-py 8 defaults to 5 s, and with any socket timeout every command
+        # is sent through `asyncio.wait_for` (a task each) and read under a timer of its own.
+        socket_timeout=None,
         health_check_interval=30,
     )
     client = TimedRedis(connection_pool=pool)

@@ -236,6 +236,8 @@ async def test_a_redis_that_does_not_answer_times_out_each_call(redis_url: str) 
         anthropic_api_key="k", redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_seconds=0.3
     )
     client = make_redis(settings)
+    # No socket timeout of redis-py's own (it defaults to one), which would cost a task per command.
+    assert client.connection_pool.make_connection().socket_timeout is None
     try:
         loop = asyncio.get_running_loop()
         for call in (client.ping(), client.pipeline(transaction=False).get("x").execute()):
