@@ -129,6 +129,7 @@ class TurnResponse(Response):
                 watcher.cancel()
             else:
                 unwatch_disconnect(scope)
+            self._task = None  # the task's frame holds this response: no cycle left for the collector
             if turn is not None:
                 await turn.close()
             report.duration_seconds = time.monotonic() - started
