@@ -3,12 +3,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 
@@ -109,6 +111,17 @@ class LiveApp:
             body["message"] = message
         path = f"/chat/{session}/stream" if session else "/chat/stream"
         return self.client.post(path, json=body)
+
+    def send_chat(self, path: str, message: str) -> socket.socket:
+        """A chat POST written on a raw socket of its own, left open: the caller reads or leaves."""
+        body = orjson.dumps({"message": message})
+        host, port = self.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+        )
+        return sock
 
     def history(self, session: str) -> list[dict[str, Any]]:
         response = self.client.get(f"/chat/{session}/messages")

@@ -148,14 +148,8 @@ def _disconnect_mid_stream(app: LiveApp, session: str | None) -> None:
 
 
 def _disconnect_before_streaming(app: LiveApp, session: str | None) -> None:
-    body = orjson.dumps({"message": "x @@first_delay=5"})
     path = f"/chat/{session}/stream" if session else "/chat/stream"
-    host, port = app.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
-        )
+    with app.send_chat(path, "x @@first_delay=5"):
         time.sleep(0.3)
 
 

@@ -6,7 +6,6 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
 
 from api.outcomes import Outcome
@@ -41,15 +40,9 @@ def open_streams(standin: StandInModel) -> Iterator[Callable[[LiveApp, int], lis
     opened: list[socket.socket] = []
 
     def start(app: LiveApp, n: int) -> list[socket.socket]:
-        host, port = app.url.removeprefix("http://").split(":")
-        body = orjson.dumps({"message": "@@deltas=100 @@delay=0.1"})
         for _ in range(n):
-            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock = app.send_chat("/chat/stream", "@@deltas=100 @@delay=0.1")
             opened.append(sock)
-            sock.sendall(
-                b"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body)
-            )
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         return opened[-n:]
 
@@ -82,13 +75,7 @@ def test_a_client_gone_before_the_turn_registered_is_seen(
 ) -> None:
     """A client that leaves right after its request, before the turn has begun, still ends the turn."""
     app = live_app()
-    body = orjson.dumps({"message": "@@first_delay=3"})
-    host, port = app.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            b"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+    app.send_chat("/chat/stream", "@@first_delay=3").close()
     reports = app.wait_reports(1, timeout=2.5)  # well before the reply's first text at 3 s
     assert reports[0].outcome is Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
     wait_until(lambda: standin.active_streams == 0, 2.0, "the upstream stream to be closed")

@@ -229,13 +229,7 @@ def test_client_disconnect_before_streaming(
 ) -> None:
     app = live_app(http, upstream_timeout_seconds=10)
     cancelled = standin.streams_cancelled
-    body = orjson.dumps({"message": "slow @@first_delay=5"})
-    host, port = app.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            b"POST /chat/s/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+    with app.send_chat("/chat/s/stream", "slow @@first_delay=5"):
         wait_until(
             lambda: standin.streams_started > 0 and standin.active_streams > 0, 2.0, "the upstream call"
         )
