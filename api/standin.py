@@ -7,6 +7,7 @@ Tokens in the last user message pick per-request behaviour, so tests and benchma
 can steer it with no shared state (they are removed from the echoed text; unknown ``@@`` tokens stay):
 
     @@deltas=K          reply with exactly K deltas "w0 ", "w1 ", ...
+    @@delta_chars=N     with @@deltas, pad each of those words with "x" to N characters, space included
     @@delay=S           seconds between deltas (default: the server's ``delay``)
     @@first_delay=S     seconds between the response headers and message_start
     @@status=CODE       answer with that 4xx/5xx status and the matching Anthropic error body
@@ -176,6 +177,7 @@ class _Reject(Exception):
 @dataclass(slots=True)
 class _Directives:
     deltas: int | None = None
+    delta_chars: int = 0
     delay: float | None = None
     first_delay: float = 0.0
     status: int | None = None
@@ -190,7 +192,9 @@ class _Directives:
 
 
 _KINDS: dict[str, type] = {
-    **dict.fromkeys(["deltas", "status", "fail_attempts", *(f"{f}_after" for f in _FAULTS)], int),
+    **dict.fromkeys(
+        ["deltas", "delta_chars", "status", "fail_attempts", *(f"{f}_after" for f in _FAULTS)], int
+    ),
     **dict.fromkeys(["delay", "first_delay", "retry_after"], float),
     **dict.fromkeys(["should_retry", "hang_before", "pings", "unicode"], bool),
 }
@@ -280,7 +284,7 @@ def _plan_reply(body: dict[str, Any], default_delay: float) -> _Reply:
     last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
     d, text = _parse_directives(_block_text(last_user["content"]) if last_user else "")
     if d.deltas is not None:
-        deltas = [f"w{i} " for i in range(d.deltas)]
+        deltas = [f"w{i}".ljust(d.delta_chars - 1, "x") + " " for i in range(d.deltas)]
         if d.unicode:
             deltas.extend(_UNICODE_WORDS)
     else:

@@ -134,6 +134,15 @@ async def test_deltas_directive_sets_reply_size(client: anthropic.AsyncAnthropic
 
 
 @pytest.mark.anyio
+async def test_delta_chars_directive_pads_each_delta(client: anthropic.AsyncAnthropic) -> None:
+    got: list[str] = []
+    await stream_text(client, "@@deltas=12 @@delta_chars=6", got)
+    assert got[:2] == ["w0xxx ", "w1xxx "]
+    assert got[10:] == ["w10xx ", "w11xx "]
+    assert {len(text) for text in got} == {6}
+
+
+@pytest.mark.anyio
 async def test_unicode_directive(client: anthropic.AsyncAnthropic) -> None:
     got: list[str] = []
     final = await stream_text(client, "hi @@unicode", got)
