@@ -18,7 +18,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Protocol, cast
 
 import httpx2
 
@@ -28,10 +28,21 @@ _HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses until th
 _KEEPALIVE_SECONDS = 5.0  # the same idle expiry as httpx's default
 
 
-class Body:
-    """A response body as it arrives: pieces in, one joined chunk out per read."""
+class BodySink(Protocol):
+    """Takes a body in push mode (`Body.pipe`): called from the connection's own callbacks."""
 
-    __slots__ = ("_conn", "_error", "_pieces", "_size", "_waiter", "done")
+    def body_data(self, data: bytes) -> None: ...
+
+    def body_end(self, error: Exception | None) -> None:
+        """The body ended: whole (None), or with the error a reader would have raised."""
+        ...
+
+
+class Body:
+    """A response body as it arrives: pieces in, one joined chunk out per read; or, once piped, each
+    piece handed to a sink as it arrives."""
+
+    __slots__ = ("_conn", "_error", "_pieces", "_sink", "_size", "_waiter", "done")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -39,9 +50,13 @@ class Body:
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: Exception | None = None
+        self._sink: BodySink | None = None
         self.done = False
 
     def feed(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.body_data(data)
+            return
         self._pieces.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER:
@@ -50,12 +65,18 @@ class Body:
 
     def finish(self) -> None:
         self.done = True
-        self._wake()
+        if self._sink is not None:
+            self._end(None)
+        else:
+            self._wake()
 
     def fail(self, error: Exception) -> None:
         if not self.done:
             self._error = error
-            self._wake()
+            if self._sink is not None:
+                self._end(error)
+            else:
+                self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -89,6 +110,67 @@ class Body:
     async def chunks(self) -> AsyncIterator[bytes]:
         while data := await self.read():
             yield data
+
+    def pipe(self, sink: BodySink) -> None:
+        """Push mode, for good: from now on each piece goes to `sink` from the connection's data
+        callback as it arrives, with no reader task woken in between. What was buffered goes first.
+        The read timeout covers the silence between pieces, except while `throttle`d."""
+        self._sink = sink
+        conn = self._conn
+        # Armed first: the sink may throttle the body while it takes what was buffered.
+        conn.waiting = self
+        conn.last_read = time.monotonic()
+        if self._pieces:
+            pieces, self._pieces, self._size = self._pieces, [], 0
+            conn.resume()
+            sink.body_data(b"".join(pieces))
+        if self._sink is not sink:  # the sink let go while taking what was buffered
+            return
+        if self._error is not None:
+            self._end(self._error)
+        elif self.done:
+            self._end(None)
+
+    def throttle(self, paused: bool) -> None:
+        """Stop (or start again) reading a piped body while its sink cannot pass it on. A body held
+        back on purpose is not a silent upstream, so the read timeout rests meanwhile."""
+        if self._sink is None or self._sink is _DROP:
+            return
+        conn = self._conn
+        if paused:
+            conn.waiting = None
+            conn.pause()
+        else:
+            conn.waiting = self
+            conn.last_read = time.monotonic()
+            conn.resume()
+
+    def unpipe(self) -> None:
+        """The sink hears nothing more: what still arrives is dropped, and a body not read to its end
+        leaves its connection unfit for reuse when it is closed."""
+        if self._sink is not None:
+            self._sink = _DROP
+            self._conn.waiting = None
+
+    def _end(self, error: Exception | None) -> None:
+        sink = self._sink
+        self._sink = _DROP
+        self._conn.waiting = None
+        if sink is not None:
+            sink.body_end(error)
+
+
+class _Dropped:
+    """The sink of a body whose sink let go, or that ended."""
+
+    def body_data(self, data: bytes) -> None:
+        pass
+
+    def body_end(self, error: Exception | None) -> None:
+        pass
+
+
+_DROP = _Dropped()
 
 
 class _Connection(asyncio.Protocol):

@@ -146,9 +146,39 @@ async def read_body(response: httpx2.Response) -> bytes:
     return b"".join([chunk async for chunk in stream.body.chunks()])
 
 
-async def collect(response: httpx2.Response, into: bytearray, *, via_body: bool) -> None:
+class Collector:
+    """A sink for `Body.pipe`: what was pushed, and a future for how the body ended."""
+
+    def __init__(self, into: bytearray) -> None:
+        self.into = into
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_data: Callable[[bytes], None] | None = None
+
+    def body_data(self, data: bytes) -> None:
+        self.into += data
+        if self.on_data is not None:
+            self.on_data(data)
+
+    def body_end(self, error: Exception | None) -> None:
+        assert not self.ended.done(), "a body ends once"
+        if error is None:
+            self.ended.set_result(None)
+        else:
+            self.ended.set_exception(error)
+
+
+# The three ways a body is read: through httpx, pulled from the transport's `Body`, or pushed by it.
+READERS = ["httpx", "body", "pipe"]
+
+
+async def collect(response: httpx2.Response, into: bytearray, *, via: str) -> None:
     """Read the body into `into` as it comes, so what arrived before a failure can be checked."""
-    source = response.extensions[BODY].body.chunks() if via_body else response.aiter_raw()
+    if via == "pipe":
+        sink = Collector(into)
+        response.extensions[BODY].body.pipe(sink)
+        await sink.ended
+        return
+    source = response.extensions[BODY].body.chunks() if via == "body" else response.aiter_raw()
     async for chunk in source:
         into += chunk
 
@@ -344,8 +374,8 @@ async def test_idle_connection_closed_by_the_server_is_replaced() -> None:
 # --- failures ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("via_body", [False, True])
-async def test_reset_mid_body_is_a_read_error(via_body: bool) -> None:
+@pytest.mark.parametrize("via", READERS)
+async def test_reset_mid_body_is_a_read_error(via: str) -> None:
     async def respond(seen: Seen, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
         await asyncio.sleep(0.05)
@@ -359,7 +389,7 @@ async def test_reset_mid_body_is_a_read_error(via_body: bool) -> None:
         client.stream("GET", server.url) as response,
     ):
         with pytest.raises(httpx2.ReadError):
-            await collect(response, got, via_body=via_body)
+            await collect(response, got, via=via)
     assert got == b"hello"
 
 
@@ -371,8 +401,8 @@ async def test_reset_mid_body_is_a_read_error(via_body: bool) -> None:
         b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
     ],
 )
-@pytest.mark.parametrize("via_body", [False, True])
-async def test_fin_before_the_body_ends_is_a_protocol_error(response_bytes: bytes, via_body: bool) -> None:
+@pytest.mark.parametrize("via", READERS)
+async def test_fin_before_the_body_ends_is_a_protocol_error(response_bytes: bytes, via: str) -> None:
     got = bytearray()
     async with (
         Server(respond_with(response_bytes, keep=False)) as server,
@@ -380,7 +410,7 @@ async def test_fin_before_the_body_ends_is_a_protocol_error(response_bytes: byte
         client.stream("GET", server.url) as response,
     ):
         with pytest.raises(httpx2.RemoteProtocolError):
-            await collect(response, got, via_body=via_body)
+            await collect(response, got, via=via)
     assert got == b"hello"
 
 
@@ -467,8 +497,8 @@ async def test_read_timeout_before_the_head() -> None:
         assert 1.4 < time.monotonic() - start < 3.0
 
 
-@pytest.mark.parametrize("via_body", [False, True])
-async def test_read_timeout_mid_body(via_body: bool) -> None:
+@pytest.mark.parametrize("via", READERS)
+async def test_read_timeout_mid_body(via: str) -> None:
     async def respond(seen: Seen, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nsome")
         return await stall_forever(seen, writer)
@@ -481,7 +511,7 @@ async def test_read_timeout_mid_body(via_body: bool) -> None:
     ):
         start = time.monotonic()
         with pytest.raises(httpx2.ReadTimeout):
-            await collect(response, got, via_body=via_body)
+            await collect(response, got, via=via)
         assert 1.4 < time.monotonic() - start < 3.0
     assert got == b"some"
 
@@ -528,6 +558,86 @@ async def test_large_body_read_slowly_arrives_intact_with_bounded_buffering() ->
     # Reading pauses past 256 KiB buffered; one more socket read (at most 256 KiB) may land on top.
     assert max(sizes) <= 512 * 1024
     assert server.connections == 1
+
+
+# --- push mode: a body piped to a sink ---------------------------------------------------------------------
+
+
+async def test_a_piped_body_gets_what_was_buffered_first_then_the_rest_and_the_connection_is_reused() -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    got = bytearray()
+    async with (
+        Server(respond_with(head + b"3\r\nabc\r\n", b"3\r\ndef\r\n0\r\n\r\n", gap=0.2)) as server,
+        lean_client() as client,
+    ):
+        async with client.stream("GET", server.url) as response:
+            await asyncio.sleep(0.1)  # "abc" waits in the body, unread, when the sink comes
+            await collect(response, got, via="pipe")
+        assert got == b"abcdef"
+        assert (await client.get(server.url)).status_code == 200
+    assert server.connections == 1
+
+
+async def test_a_body_that_ended_before_it_was_piped_ends_the_sink_at_once() -> None:
+    got = bytearray()
+    async with (
+        Server(respond_with(length_response(b"whole"))) as server,
+        lean_client() as client,
+        client.stream("GET", server.url) as response,
+    ):
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(collect(response, got, via="pipe"), 1.0)
+    assert got == b"whole"
+
+
+async def test_a_throttled_pipe_holds_the_sender_back_without_timing_out() -> None:
+    """A sink that cannot pass the body on pauses reading: the sender's writes back up, and the read
+    timeout, which is for a silent upstream, rests while the body is held back on purpose."""
+    body = random.Random(5).randbytes(8 * 1024 * 1024)
+    sent = asyncio.Event()
+
+    async def respond(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+        writer.write(body)
+        await writer.drain()
+        sent.set()
+        return True
+
+    got = bytearray()
+    async with Server(respond) as server, lean_client(httpx2.Timeout(5.0, read=0.5)) as client:
+        async with client.stream("GET", server.url) as response:
+            piped = response.extensions[BODY].body
+            sink = Collector(got)
+            sink.on_data = lambda data: piped.throttle(True)
+            piped.pipe(sink)
+            await asyncio.sleep(1.5)  # three read timeouts
+            assert not sent.is_set() and not sink.ended.done()
+            held = len(got)
+            assert 0 < held < len(body) // 2
+            sink.on_data = None
+            piped.throttle(False)
+            await sink.ended
+        assert got == body
+        assert (await client.get(server.url)).content == body
+    assert server.connections == 1
+
+
+async def test_an_unpiped_body_drops_the_rest_and_a_connection_left_mid_body_is_not_reused() -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    got = bytearray()
+    async with (
+        Server(respond_with(head + b"3\r\nabc\r\n", b"3\r\ndef\r\n", b"0\r\n\r\n", gap=0.3)) as server,
+        lean_client() as client,
+    ):
+        async with client.stream("GET", server.url) as response:
+            piped = response.extensions[BODY].body
+            sink = Collector(got)
+            sink.on_data = lambda data: piped.unpipe()
+            piped.pipe(sink)
+            await asyncio.sleep(0.45)  # "def" arrived, and went nowhere; the body has not ended
+            assert got == b"abc" and not sink.ended.done()
+        assert (await client.get(server.url)).status_code == 200
+    assert server.connections == 2
 
 
 # --- the request on the wire ------------------------------------------------------------------------------
