@@ -13,11 +13,9 @@ import random
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
-
-from redis.exceptions import RedisError
 
 from api.config import Settings
 from api.errors import (
@@ -108,13 +106,19 @@ class Hold:
 
 
 class Turn:
-    """A turn whose reply has begun: the first chunk is in hand and the session (if any) is locked."""
+    """A turn whose reply has begun: the first chunk is in hand and the session (if any) is locked.
+
+    The rest of the reply is relayed either by pulling it (`chunks()`) or, where the reply can push
+    it, by `relay()`: each piece is then written from the upstream connection's own callback, and
+    nothing is woken per delta but the kernel.
+    """
 
     __slots__ = (
-        "_chunks",
+        "_done",
         "_parts",
         "_service",
         "_started",
+        "_write",
         "first",
         "hold",
         "keys",
@@ -130,7 +134,6 @@ class Turn:
         service: ChatService,
         report: TurnReport,
         hold: Hold,
-        chunks: AsyncIterator[bytes],
         first: bytes,
         keys: SessionKeys | None,
         user_text: str,
@@ -142,7 +145,6 @@ class Turn:
         self.report = report
         self.hold = hold
         self.reply = hold.reply
-        self._chunks = chunks
         self.first = first
         self.keys = keys
         self.snapshot = hold.snapshot
@@ -152,26 +154,66 @@ class Turn:
         # Only a session turn needs the text back for its commit: one growing buffer, not an
         # object per delta.
         self._parts: bytearray | None = bytearray(first) if keys is not None else None
+        self._done: asyncio.Future[None] | None = None
+        self._write: Callable[[bytes], None] | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The rest of the reply. Raises `StreamFailed` if it cannot be completed."""
-        hold = self.hold
-        parts = self._parts
+        """The rest of the reply, pulled. Raises `StreamFailed` if it cannot be completed."""
+        reply = self.reply
         try:
-            async for chunk in self._chunks:
-                # Counted as it goes: a client that leaves stops this generator at a `yield`, where
-                # no `finally` of ours would run before the turn is settled.
-                hold.relayed += len(chunk)
-                if parts is not None:
-                    parts += chunk
+            while chunk := await reply.next_text():
+                # Counted before it is handed on: a client that leaves stops this generator at a
+                # `yield`, where no `finally` of ours would run before the turn is settled.
+                self._take(chunk)
                 yield chunk
-                if hold.lost:  # the commit would be refused: stop paying for the reply now
+                if self.hold.lost:  # the commit would be refused: stop paying for the reply now
                     raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
         except ReplyBroken as exc:
             self.report.upstream_error = exc.kind
             raise StreamFailed(exc.reason) from exc
-        except RedisError as exc:
-            raise StreamFailed(f"the session store failed: {exc}", Outcome.UNKNOWN_ERROR) from exc
+
+    def relay(self, write: Callable[[bytes], None]) -> asyncio.Future[None] | None:
+        """Have the rest of the reply pushed to `write` as it arrives. The future resolves once the
+        reply completed (all of it written) or fails with `StreamFailed`; None where the reply can
+        only be pulled, and `chunks()` must be used instead."""
+        self._done = asyncio.get_running_loop().create_future()
+        self._write = write
+        if not self.reply.pipe(self._relayed, self._ended):
+            self._done = self._write = None
+            return None
+        return self._done
+
+    def throttle(self, paused: bool) -> None:
+        """The client cannot take more for now (or can again): hold the upstream back meanwhile."""
+        self.reply.throttle(paused)
+
+    def _take(self, chunk: bytes) -> None:
+        self.hold.relayed += len(chunk)
+        if self._parts is not None:
+            self._parts += chunk
+
+    def _relayed(self, chunk: bytes) -> None:
+        done = self._done
+        if done is None or done.done():
+            return
+        self._take(chunk)
+        assert self._write is not None
+        self._write(chunk)
+        if self.hold.lost:
+            self._ended(None, StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR))
+
+    def _ended(self, broken: ReplyBroken | None, failed: StreamFailed | None = None) -> None:
+        done, self._done, self._write = self._done, None, None
+        if done is None or done.done():  # cancelled: the client left and the turn is being undone
+            return
+        if broken is not None:
+            self.report.upstream_error = broken.kind
+            failed = StreamFailed(broken.reason)
+            failed.__cause__ = broken
+        if failed is not None:
+            done.set_exception(failed)
+        else:
+            done.set_result(None)
 
     async def commit(self) -> None:
         """Store the user message and the reply together, or raise `StreamFailed` having stored nothing."""
@@ -300,10 +342,10 @@ class ChatService:
             upstream_request.messages = build_context(history, user_text, budget)
 
             async with asyncio.timeout(self.settings.upstream_timeout_seconds):
-                chunks, first = await self._first_text(upstream_request, hold, report)
+                first = await self._first_text(upstream_request, hold, report)
             hold.relayed = len(first)
             report.first_token_seconds = time.monotonic() - started
-            return Turn(self, report, hold, chunks, first, keys, user_text, body.regenerate, begun)
+            return Turn(self, report, hold, first, keys, user_text, body.regenerate, begun)
         except TimeoutError as exc:
             await self.release(hold)
             report.upstream_error = "timeout"
@@ -317,9 +359,7 @@ class ChatService:
             await self.release(hold)
             raise
 
-    async def _first_text(
-        self, request: UpstreamRequest, hold: Hold, report: TurnReport
-    ) -> tuple[AsyncIterator[bytes], bytes]:
+    async def _first_text(self, request: UpstreamRequest, hold: Hold, report: TurnReport) -> bytes:
         """Open the reply and wait for its first text. A reply that fails before any text reached the
         client is asked for again, with the SDK's own backoff: its retries end at the 200, and the
         API reports overload in the stream too (`overloaded_error` right after `message_start`)."""
@@ -329,15 +369,16 @@ class ChatService:
                 await asyncio.sleep(retry_delay(attempt - 1))
             hold.reply = await self.upstream.open(request)
             report.upstream_request_id = hold.reply.request_id
-            chunks = hold.reply.chunks()
             try:
-                return chunks, await anext(chunks)
-            except StopAsyncIteration:
-                raise UpstreamFailed("Claude returned an empty reply", upstream_error="incomplete") from None
+                first = await hold.reply.next_text()
             except ReplyBroken as exc:
                 if exc.kind not in RETRYABLE or attempt == self.settings.upstream_max_retries:
                     raise first_text_error(exc) from exc
                 log.info("retrying a reply that failed before its first text: %s", exc.reason)
+                continue
+            if not first:
+                raise UpstreamFailed("Claude returned an empty reply", upstream_error="incomplete")
+            return first
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _admit(self, request: TurnRequest, hold: Hold) -> None:

@@ -1,19 +1,29 @@
-"""uvicorn's httptools protocol, which also tells a running turn the moment its client has gone.
+"""uvicorn's httptools protocol, which also tells a running turn the moment its client has gone, and
+lets it write the reply's chunks straight to the client.
 
 ASGI's only news of a disconnect is a `receive()` that returns `http.disconnect`, so an app that must
 stop work when its client leaves keeps a task waiting in `receive()` for the whole response. For a
 relay that is a task, three coroutines and a future held by every open stream, for an event that
 the server itself sees directly in `connection_lost`. This protocol marks each request's scope with
 `ON_DISCONNECT`; an app that finds the mark puts a callback there, and the protocol calls it when
-the connection is lost before the response completed. Apps that do not find it (another server, an
-in-process test client) keep waiting in `receive()`, which still works the same.
+the connection is lost before the response completed.
+
+Likewise ASGI's only way to write is `await send(...)`: a coroutine, a message dict and, for a
+relay, a task woken for every delta of every stream. The scope's `CLIENT_WRITER` is a
+`ClientWriter`, which writes a started response's chunks to the transport from any callback, and
+tells its user when the client stops (and starts again) taking what is written.
+
+Apps that find neither mark (another server, an in-process test client) wait in `receive()` and
+`send()` as usual, which still works the same.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # The scope key: None until the app registers its callback, CLIENT_GONE once the client left before it
@@ -22,6 +32,9 @@ ON_DISCONNECT = "chat_api.on_disconnect"
 CLIENT_GONE = "gone"
 
 DisconnectHook = Callable[[], None]
+
+# The scope key of the request's `ClientWriter`; absent under any other server.
+CLIENT_WRITER = "chat_api.client_writer"
 
 
 def watch_disconnect(scope: MutableMapping[str, Any], hook: DisconnectHook) -> bool:
@@ -41,7 +54,52 @@ def unwatch_disconnect(scope: MutableMapping[str, Any]) -> None:
         scope[ON_DISCONNECT] = None
 
 
+class WatchedFlow(FlowControl):
+    """uvicorn's flow control, which also tells a `ClientWriter`'s user when writing pauses."""
+
+    on_paused: Callable[[bool], None] | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.on_paused is not None:
+            self.on_paused(True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.on_paused is not None:
+            self.on_paused(False)
+
+
+class ClientWriter:
+    """Writes the body chunks of a response already started through ASGI (chunked, as uvicorn
+    frames a response without a length), with uvicorn's `send` left out: for a relay, whose chunks
+    come from a callback rather than a task."""
+
+    __slots__ = ("_flow", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, flow: WatchedFlow) -> None:
+        self._transport = transport
+        self._flow = flow
+
+    def write(self, chunk: bytes) -> None:
+        """Write one chunk now; dropped once the client has gone (its turn is told separately)."""
+        if not self._transport.is_closing():
+            self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+
+    def watch(self, on_paused: Callable[[bool], None] | None) -> None:
+        """Have `on_paused(True)` called when the client's buffer is full, and `(False)` once it has
+        drained; None to stop. While paused, written chunks wait in the buffer."""
+        self._flow.on_paused = on_paused
+        if on_paused is not None and self._flow.write_paused:
+            on_paused(True)
+
+
 class ChatHttpProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.flow = WatchedFlow(transport)
+        self._writer = ClientWriter(transport, self.flow)
+
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         # The app's task was only created above; it has not run yet, so it will find the mark. The
@@ -55,6 +113,8 @@ class ChatHttpProtocol(HttpToolsProtocol):
             and "path" in self.scope
         ):
             self.scope[ON_DISCONNECT] = None
+            if cycle.flow is self.flow and getattr(cycle, "chunked_encoding", False) is None:
+                self.scope[CLIENT_WRITER] = self._writer
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle

@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from api.chat import ChatService, Turn, TurnRequest
 from api.errors import ChatError, StoreUnavailable, StreamFailed
 from api.outcomes import Outcome, TurnReport
-from api.protocol import unwatch_disconnect, watch_disconnect
+from api.protocol import CLIENT_WRITER, ClientWriter, unwatch_disconnect, watch_disconnect
 
 log = logging.getLogger("api.chat")
 
@@ -81,8 +81,18 @@ class TurnResponse(Response):
             streaming = True
             send_body: Send = scope.get(RAW_SEND, send)
             await send_body({"type": "http.response.body", "body": turn.first, "more_body": True})
-            async for chunk in turn.chunks():
-                await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
+            writer: ClientWriter | None = scope.get(CLIENT_WRITER)
+            relayed = turn.relay(writer.write) if writer is not None else None
+            if relayed is not None:
+                assert writer is not None
+                writer.watch(turn.throttle)  # a slow client holds the upstream back, not our memory
+                try:
+                    await relayed
+                finally:
+                    writer.watch(None)
+            else:
+                async for chunk in turn.chunks():
+                    await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
             await asyncio.sleep(0)  # let a disconnect that already happened be seen before committing
             if self.disconnected:
                 raise asyncio.CancelledError

@@ -64,9 +64,10 @@ class ReplyBroken(Exception):
 
 
 class Reply:
-    """One open reply stream. Iterate `chunks()` for UTF-8 text; always `close()` it."""
+    """One open reply stream: pull its text with `next_text()`, or have it pushed with `pipe()`.
+    Always `close()` it."""
 
-    __slots__ = ("_response", "_stream", "decoder", "request_id")
+    __slots__ = ("_on_end", "_on_text", "_read", "_response", "_stream", "decoder", "request_id")
 
     def __init__(self, response: anthropic.AsyncAPIResponse[Any]) -> None:
         self.decoder = ReplyDecoder()
@@ -76,53 +77,117 @@ class Reply:
         # what an open stream would otherwise hold in memory.
         self._stream: BodyStream | None = response.http_response.extensions.get(BODY)
         self._response = None if self._stream is not None else response
+        self._read = self._reader(response)
+        self._on_text: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[ReplyBroken | None], None] | None = None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Text as it arrives; several deltas that arrive in one read come out as one chunk.
+    async def next_text(self) -> bytes:
+        """The next text as it arrives (several deltas that arrive in one read come as one), or b""
+        once the reply completed.
 
         Raises `ReplyBroken` for an `error` event, a dropped or stalled connection, or an end without
-        `message_stop`: text already yielded stays yielded, so only the caller knows what to undo.
+        `message_stop`: text already returned stays returned, so only the caller knows what to undo.
         """
         decoder = self.decoder
         try:
+            decoder.check()  # an error that came in one read after text that was returned first
             # Reading on to the end of the body (not stopping at message_stop) hands the
             # connection back to the pool for the next turn instead of closing it.
-            read = self._reader()
-            while raw := await read():
+            while raw := await self._read():
                 if decoder.done:
                     continue
                 text = decoder.feed(raw)
                 if text:
-                    yield text
-                    decoder.check()
-        except UpstreamEventError as exc:
-            kind = "overloaded" if exc.error_type == "overloaded_error" else "error_event"
-            raise ReplyBroken(str(exc), kind) from exc
-        except httpx2.TimeoutException as exc:
-            if not decoder.done:
-                raise ReplyBroken("the upstream stalled", "timeout") from exc
-        except httpx2.HTTPError as exc:
-            if not decoder.done:
-                raise ReplyBroken(
-                    f"the upstream connection failed: {type(exc).__name__}", "connection"
-                ) from exc
+                    return text
+        except (UpstreamEventError, httpx2.HTTPError) as exc:
+            broken = _broken(exc, decoder.done)
+            if broken is not None:
+                raise broken from exc
         if not decoder.done:
             raise ReplyBroken("the upstream ended the reply without message_stop", "incomplete")
+        return b""
 
-    def _reader(self) -> Callable[[], Awaitable[bytes]]:
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The rest of the text, pulled."""
+        while text := await self.next_text():
+            yield text
+
+    def pipe(self, on_text: Callable[[bytes], None], on_end: Callable[[ReplyBroken | None], None]) -> bool:
+        """Push the rest of the text to `on_text` as it arrives, from the connection's own callback,
+        then call `on_end` once: None when the reply completed, else how it broke. False (and nothing
+        done) where the body is not on the lean transport and can only be pulled."""
+        if self._stream is None:
+            return False
+        self._on_text, self._on_end = on_text, on_end
+        if self.decoder.error is not None:
+            self._end(_broken(self.decoder.error, False))
+        else:
+            self._stream.body.pipe(self)
+        return True
+
+    def throttle(self, paused: bool) -> None:
+        """Hold back (or resume) a piped reply while whoever it is pushed to cannot keep up."""
+        if self._stream is not None:
+            self._stream.body.throttle(paused)
+
+    # BodySink: the lean transport's callbacks while piped
+
+    def body_data(self, data: bytes) -> None:
+        decoder = self.decoder
+        if decoder.done or self._on_text is None:
+            return  # the rest of the body after message_stop: read to its end, for the pool
+        try:
+            text = decoder.feed(data)
+            if text:
+                self._on_text(text)
+                decoder.check()
+        except UpstreamEventError as exc:
+            self._end(_broken(exc, False))
+
+    def body_end(self, error: Exception | None) -> None:
+        if self.decoder.done:
+            self._end(None)
+        elif error is None:
+            self._end(ReplyBroken("the upstream ended the reply without message_stop", "incomplete"))
+        else:
+            self._end(_broken(error, False))
+
+    def _end(self, broken: ReplyBroken | None) -> None:
+        on_end = self._on_end
+        self._on_text = self._on_end = None
+        if self._stream is not None:
+            self._stream.body.unpipe()
+        if on_end is not None:
+            on_end(broken)
+
+    def _reader(self, response: anthropic.AsyncAPIResponse[Any]) -> Callable[[], Awaitable[bytes]]:
         """The next bytes of the body (b"" at its end): the lean transport's read, straight; any other
         transport's (an egress proxy's) through httpx's iterator."""
         if self._stream is not None:
             return self._stream.body.read
-        assert self._response is not None
-        raw = self._response.http_response.aiter_bytes()
+        raw = response.http_response.aiter_bytes()
         return lambda: anext(raw, b"")
 
     async def close(self) -> None:
+        self._on_text = self._on_end = None
         if self._stream is not None:
+            self._stream.body.unpipe()
             self._stream.close()
         elif self._response is not None:
             await self._response.close()
+
+
+def _broken(exc: Exception, done: bool) -> ReplyBroken | None:
+    """How a reply broke, from what its reading raised; None for a failure after message_stop, which
+    cost nothing but the connection's reuse."""
+    if isinstance(exc, UpstreamEventError):
+        kind = "overloaded" if exc.error_type == "overloaded_error" else "error_event"
+        return ReplyBroken(str(exc), kind)
+    if done:
+        return None
+    if isinstance(exc, httpx2.TimeoutException):
+        return ReplyBroken("the upstream stalled", "timeout")
+    return ReplyBroken(f"the upstream connection failed: {type(exc).__name__}", "connection")
 
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")

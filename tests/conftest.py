@@ -112,11 +112,16 @@ class LiveApp:
         path = f"/chat/{session}/stream" if session else "/chat/stream"
         return self.client.post(path, json=body)
 
-    def send_chat(self, path: str, message: str) -> socket.socket:
-        """A chat POST written on a raw socket of its own, left open: the caller reads or leaves."""
+    def send_chat(self, path: str, message: str, receive_buffer: int | None = None) -> socket.socket:
+        """A chat POST written on a raw socket of its own, left open: the caller reads or leaves.
+        `receive_buffer` shrinks the socket's receive buffer, for a client that holds little."""
         body = orjson.dumps({"message": message})
         host, port = self.url.removeprefix("http://").split(":")
-        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        if receive_buffer is not None:  # before connecting, so the window it offers is small too
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.connect((host, int(port)))
         sock.sendall(
             b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (path.encode(), len(body), body)

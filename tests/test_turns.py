@@ -25,6 +25,12 @@ from tests.processes import wait_until
 StartApp = Callable[..., LiveApp]
 
 
+# Under the production protocol the server reports a disconnect itself and the reply is pushed to the
+# client from the upstream's callbacks; under plain httptools the turn learns of a disconnect from
+# `receive()` and pulls the reply through `send()`. Both must behave the same.
+SERVERS = [pytest.param(ChatHttpProtocol, id="chat-protocol"), pytest.param("httptools", id="httptools")]
+
+
 def redis_state(rdb: sync_redis.Redis, prefix: str) -> dict[str, Any]:
     """Every key under the test's prefix with its value: what "Redis exactly as it was" compares."""
     state: dict[str, Any] = {}
@@ -155,13 +161,14 @@ def test_retries_give_up_after_the_configured_count(live_app: StartApp, standin:
     assert len(standin.requests) - seen == 2
 
 
+@pytest.mark.parametrize("http", SERVERS)
 @pytest.mark.parametrize(
     "fault", ["error_after=2", "drop_after=2", "close_after=2", "eof_after=2", "hang_after=2"]
 )
 def test_a_reply_broken_mid_stream_is_cut_short_and_commits_nothing(
-    live_app: StartApp, rdb: sync_redis.Redis, prefix: str, fault: str
+    live_app: StartApp, rdb: sync_redis.Redis, prefix: str, fault: str, http: Any
 ) -> None:
-    app = live_app(upstream_timeout_seconds=1.0)
+    app = live_app(http, upstream_timeout_seconds=1.0)
     app.chat("s", "before")
     before = redis_state(rdb, prefix)
     received, ending = read_cut_reply(app, "s", f"cut @@{fault}")
@@ -195,11 +202,6 @@ def test_concurrent_turns_on_one_session_get_409(live_app: StartApp) -> None:
     busy = next(r for r in responses if r.status_code == 409)
     assert busy.json()["error"]["type"] == "session_busy"
     assert len(app.history("busy")) == 2
-
-
-# Under the production protocol the server reports the disconnect itself; under plain httptools the
-# turn learns of it from `receive()`. Both must end the turn at once.
-SERVERS = [pytest.param(ChatHttpProtocol, id="chat-protocol"), pytest.param("httptools", id="httptools")]
 
 
 @pytest.mark.parametrize("http", SERVERS)
@@ -238,6 +240,50 @@ def test_client_disconnect_before_streaming(
     assert reports[0].outcome is Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
     assert redis_state(rdb, prefix) == {}
     assert app.chat("s", "now").status_code == 200
+
+
+def read_chunked_reply(sock: socket.socket) -> bytes:
+    """Read a whole chunked 200 response off `sock` and return its body, de-chunked."""
+    data = bytearray()
+    while not data.endswith(b"\r\n0\r\n\r\n"):
+        part = sock.recv(1 << 20)
+        assert part, "the connection closed before the final chunk"
+        data += part
+    start = data.index(b"\r\n\r\n") + 4
+    assert data.startswith(b"HTTP/1.1 200")
+    body = bytearray()
+    while True:
+        end = data.index(b"\r\n", start)
+        size = int(data[start:end], 16)
+        if size == 0:
+            return bytes(body)
+        body += data[end + 2 : end + 2 + size]
+        start = end + 4 + size
+
+
+@pytest.mark.parametrize("http", SERVERS)
+def test_a_slow_client_holds_the_upstream_back_and_still_gets_the_whole_reply(
+    live_app: StartApp, standin: StandInModel, http: Any
+) -> None:
+    """A client that stops reading is not buffered for: the worker stops reading Claude's reply
+    until the client catches up, so the upstream's stream stays open, unfinished. That wait is not
+    an upstream that stalled, however long it is; once the client reads, all of the reply arrives."""
+    app = live_app(http, upstream_timeout_seconds=1.0)
+    completed = standin.streams_completed
+    # 20 MB of text: more than the kernel's socket buffers on both sides hold (Linux grows a
+    # loopback socket's to 4 MB and more), so only a relay that reads no further can hold it back.
+    deltas, size = 20_000, 1000
+    sock = app.send_chat("/chat/stream", f"@@deltas={deltas} @@delta_chars={size}", 16384)
+    with sock:
+        time.sleep(2.5)  # not reading, for over two read timeouts
+        assert standin.active_streams == 1 and standin.streams_completed == completed
+        assert app.reports == []
+        body = read_chunked_reply(sock)
+    assert len(body) == deltas * size
+    assert body.decode() == "".join(f"w{i}".ljust(size - 1, "x") + " " for i in range(deltas))
+    reports = app.wait_reports(1)
+    assert reports[0].outcome is Outcome.SUCCESS
+    assert standin.streams_completed == completed + 1
 
 
 def test_regenerate_asks_again_and_replaces_the_reply(live_app: StartApp, standin: StandInModel) -> None:
@@ -375,6 +421,36 @@ def test_the_lock_is_renewed_while_a_long_reply_streams(live_app: StartApp) -> N
     thread.join(10)
     assert result["r"].status_code == 200
     assert len(app.history("long")) == 2
+
+
+@pytest.mark.parametrize("http", SERVERS)
+def test_a_turn_whose_lock_was_taken_stops_its_reply_and_writes_nothing(
+    live_app: StartApp, standin: StandInModel, rdb: sync_redis.Redis, prefix: str, http: Any
+) -> None:
+    """Another turn holds the session now (this one's lock lapsed while its worker was cut off):
+    the reply is cut at once rather than paid for to the end, and its commit never happens."""
+    app = live_app(http, lock_ttl_seconds=0.6)  # renewed every 0.2 s
+    app.chat("taken", "before")
+    history = app.history("taken")
+    cancelled = standin.streams_cancelled
+    lock = session_keys(prefix, "public", "taken").lock
+    started = time.monotonic()
+    with app.client.stream(
+        "POST", "/chat/taken/stream", json={"message": "@@deltas=100 @@delay=0.05"}
+    ) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw()
+        next(chunks)
+        rdb.set(lock, "another-turn", px=10_000)
+        with pytest.raises(httpx.RemoteProtocolError):  # the reply is cut, not ended
+            for _ in chunks:
+                pass
+    assert time.monotonic() - started < 2.0  # not the reply's five seconds
+    wait_until(lambda: standin.streams_cancelled > cancelled, 2.0, "the upstream stream to be closed")
+    reports = app.wait_reports(2)
+    assert reports[1].outcome is Outcome.UNKNOWN_ERROR and not reports[1].committed
+    assert app.history("taken") == history
+    assert rdb.get(lock) == "another-turn"  # the other turn's lock is left alone
 
 
 def test_the_lock_is_kept_while_the_first_token_is_awaited(live_app: StartApp) -> None:
