@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from api.config import Settings
 from api.errors import (
     ChatError,
@@ -25,6 +27,7 @@ from api.errors import (
     RateLimited,
     RequestTooLarge,
     SessionBusy,
+    StoreUnavailable,
     StreamFailed,
     UpstreamFailed,
     UpstreamTimeout,
@@ -33,7 +36,7 @@ from api.errors import (
 from api.history import CommitRefused, SessionStore, Snapshot, stored_message
 from api.keys import SessionKeys, session_keys
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.ratelimit import Admission, Quota, Ticket
+from api.ratelimit import Admission, Admit, Quota, Ticket
 from api.renewals import Renewer
 from api.schemas import ChatRequest
 from api.scripts import ScriptCall, run_together
@@ -313,19 +316,14 @@ class ChatService:
 
         hold = Hold()
         try:
-            await self._admit(request, hold)
+            # The worker's slot comes first: a request waiting for one has not yet used any of its limits.
+            if self.slots is not None:
+                await self.slots.take()
+                hold.slot = True
+            await self._admit_and_lock(request, keys, hold)
             history: list[dict[str, Any]] = []
             begun = started
-            if keys is not None:
-                token = secrets.token_hex(16)
-                try:
-                    hold.snapshot = await self.store.begin(keys, token)
-                except BaseException:
-                    # The lock may have been taken even though its reply never came back.
-                    await self._release_unconfirmed(keys, token)
-                    raise
-                if hold.snapshot is None:
-                    raise SessionBusy("another turn of this session is in progress; retry when it ends")
+            if hold.snapshot is not None:
                 begun = time.monotonic()
                 history = hold.snapshot.messages
                 # Past the context built below the history is not needed: an open stream should not
@@ -381,16 +379,52 @@ class ChatService:
             return first
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
-    async def _admit(self, request: TurnRequest, hold: Hold) -> None:
-        # The worker's slot comes first: a request waiting for one has not yet used any of its limits.
-        if self.slots is not None:
-            await self.slots.take()
-            hold.slot = True
-        decision = await self.admission.admit(request.subject)
-        request.quota = decision.quota
-        if not decision.allowed:
-            raise RateLimited(decision.message, retry_after=decision.retry_after)
-        hold.ticket = decision.ticket
+    async def _admit_and_lock(self, request: TurnRequest, keys: SessionKeys | None, hold: Hold) -> None:
+        """Take from the caller's limits and, for a session, take its lock and read its history: one
+        round trip for both. What was taken is put in `hold` before any refusal is raised, so that
+        `release` gives it back. The limits decide first, as if they had been asked alone: a request
+        over them gets 429 even where the session is busy."""
+        admit = self.admission.admit_call(request.subject) if self.admission.enabled else None
+        token = secrets.token_hex(16)
+        calls = [admit.call] if admit is not None else []
+        if keys is not None:
+            calls.append(self.store.begin_call(keys, token))
+        if not calls:
+            return
+        try:
+            results = await run_together(self.store.redis, calls)
+        except BaseException as exc:
+            # Redis may have applied both though their replies never came back: give back the lock by
+            # its token and the lease by its id, rather than hold them for a ttl.
+            await self._release_unconfirmed(admit, keys, token)
+            if isinstance(exc, RedisError):
+                raise (
+                    self.admission.unavailable() if admit is not None else store_unavailable(self.store)
+                ) from exc
+            raise
+        failed: ChatError | None = None
+        if admit is not None:
+            reply = results.pop(0)
+            if isinstance(reply, Exception):
+                failed = self.admission.unavailable()
+            else:
+                decision = self.admission.decision(admit, reply)
+                request.quota = decision.quota
+                hold.ticket = decision.ticket
+                if not decision.allowed:
+                    failed = RateLimited(decision.message, retry_after=decision.retry_after)
+        if keys is not None:
+            reply = results.pop(0)
+            if isinstance(reply, Exception):
+                failed = failed or store_unavailable(self.store)
+            else:
+                hold.snapshot = self.store.begun(keys, token, reply)
+                if hold.snapshot is None:
+                    failed = failed or SessionBusy(
+                        "another turn of this session is in progress; retry when it ends"
+                    )
+        if failed is not None:
+            raise failed
 
     async def quota(self, subject: str) -> Quota | None:
         """The request limit as it stands, for a response refused before admission; None if unknown."""
@@ -405,12 +439,16 @@ class ChatService:
             hold.admission = self.admission
             self.renewer.add(hold)
 
-    async def _release_unconfirmed(self, keys: SessionKeys, token: str) -> None:
-        release = ScriptCall(self.store.scripts.release_lock, [keys.lock], [token])
+    async def _release_unconfirmed(self, admit: Admit | None, keys: SessionKeys | None, token: str) -> None:
+        calls = []
+        if keys is not None:
+            calls.append(ScriptCall(self.store.scripts.release_lock, [keys.lock], [token]))
+        if admit is not None:  # settling a lease that was never taken charges and frees nothing
+            calls.append(self.admission.settle_call(Ticket(admit.keys, admit.lease), 0))
         try:
-            await asyncio.shield(release.run())
+            await asyncio.shield(run_together(self.store.redis, calls))
         except BaseException:
-            log.debug("could not release a lock whose taking was not confirmed; it expires", exc_info=True)
+            log.debug("could not give back a lock or lease whose taking was not confirmed", exc_info=True)
 
     async def release(self, hold: Hold) -> None:
         # Every step runs even if another fails; a lock or a lease we cannot give back expires on its own.
@@ -493,6 +531,12 @@ def first_text_error(exc: ReplyBroken) -> ChatError:
     if exc.timeout:
         return UpstreamTimeout("Claude sent nothing in time", upstream_error=exc.kind)
     return UpstreamFailed(f"Claude failed before replying: {exc.reason}", upstream_error=exc.kind)
+
+
+def store_unavailable(store: SessionStore) -> ChatError:
+    if store.on_error is not None:
+        store.on_error()
+    return StoreUnavailable("the session store is unavailable; try again shortly", retry_after=1)
 
 
 def _message_id() -> str:

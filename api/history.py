@@ -90,7 +90,14 @@ class SessionStore:
     async def begin(self, keys: SessionKeys, token: str) -> Snapshot | None:
         """Lock the session and read its history in one round trip; None when another turn holds it."""
         async with redis_errors(self.on_error):
-            reply = await self.scripts.begin_turn(keys=keys.all(), args=[token, self.lock_ttl_ms])
+            reply = await self.begin_call(keys, token).run()
+        return self.begun(keys, token, reply)
+
+    def begin_call(self, keys: SessionKeys, token: str) -> ScriptCall:
+        """`begin` as a call, for sending with others in one round trip; `begun` reads its reply."""
+        return ScriptCall(self.scripts.begin_turn, keys.all(), [token, self.lock_ttl_ms])
+
+    def begun(self, keys: SessionKeys, token: str, reply: list[Any]) -> Snapshot | None:
         if reply[0] == 0:
             return None
         lock = SessionLock(self.redis, self.scripts, keys.lock, token, self.lock_ttl_ms)

@@ -58,6 +58,15 @@ class Ticket:
 
 
 @dataclass(frozen=True, slots=True)
+class Admit:
+    """One admission: the call that takes from the limits, and what reading its reply needs."""
+
+    call: ScriptCall
+    keys: tuple[str, str, str]
+    lease: str
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
     ticket: Ticket | None = None  # None when refused, or when no limit is configured
@@ -96,22 +105,44 @@ class Admission:
         """Check and take every limit at once; a refused request takes nothing."""
         if not self.enabled:
             return Decision(True)
-        keys = self.keys(subject)
-        lease = secrets.token_hex(12)
-        reply = await self._run(keys, "1", lease)
+        admit = self.admit_call(subject)
+        try:
+            reply = await admit.call.run()
+        except RedisError as exc:
+            raise self.unavailable() from exc
+        return self.decision(admit, reply)
+
+    def admit_call(self, subject: str) -> Admit:
+        """Admission as a call, for sending with others in one round trip; `decision` reads its reply."""
+        keys, lease = self.keys(subject), secrets.token_hex(12)
+        return Admit(ScriptCall(self.scripts.admit, keys[:2], self._args("1", lease)), keys, lease)
+
+    def decision(self, admit: Admit, reply: list[Any]) -> Decision:
         quota = self._quota(reply)
         if reply[0] == 1:
-            return Decision(True, Ticket(keys, lease), quota)
+            return Decision(True, Ticket(admit.keys, admit.lease), quota)
         refused_by = _text(reply[1])
         limit = {"requests": self.requests, "tokens": self.tokens}.get(refused_by, self.streams)
         message = _MESSAGES[refused_by].format(limit=limit)
         return Decision(False, None, quota, message, max(1, math.ceil(int(reply[2]) / 1000)))
 
+    def unavailable(self) -> StoreUnavailable:
+        """What a request gets when its limits could not be checked (and Redis failed for it)."""
+        if self.on_error is not None:
+            self.on_error()
+        # Refusing is the safe side: letting requests through unchecked would hand out Claude's
+        # capacity (and its bill) without any of the limits this deployment asked for.
+        return StoreUnavailable("the limits cannot be checked now; try again shortly", retry_after=1)
+
     async def peek(self, subject: str) -> Quota | None:
         """The request limit as it stands, taking nothing: for responses refused before admission."""
         if not self.requests:
             return None
-        return self._quota(await self._run(self.keys(subject), "0", ""))
+        try:
+            reply = await self.scripts.admit(keys=self.keys(subject)[:2], args=self._args("0", ""))
+        except RedisError as exc:
+            raise self.unavailable() from exc
+        return self._quota(reply)
 
     def settle_call(self, ticket: Ticket, tokens: int) -> ScriptCall:
         return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, tokens, self.tokens, WINDOW_MS])
@@ -119,27 +150,8 @@ class Admission:
     def renew_call(self, ticket: Ticket) -> ScriptCall:
         return ScriptCall(self.scripts.renew_lease, ticket.keys[1:2], [ticket.lease, self.lease_ttl_ms])
 
-    async def _run(self, keys: tuple[str, str, str], take: str, lease: str) -> list[Any]:
-        args: list[EncodableT] = [
-            take,
-            lease,
-            self.requests,
-            self.tokens,
-            self.streams,
-            self.lease_ttl_ms,
-            WINDOW_MS,
-        ]
-        try:
-            reply: list[Any] = await self.scripts.admit(keys=keys[:2], args=args)
-        except RedisError as exc:
-            if self.on_error is not None:
-                self.on_error()
-            # Refusing is the safe side: letting requests through unchecked would hand out Claude's
-            # capacity (and its bill) without any of the limits this deployment asked for.
-            raise StoreUnavailable(
-                "the limits cannot be checked now; try again shortly", retry_after=1
-            ) from exc
-        return reply
+    def _args(self, take: str, lease: str) -> list[EncodableT]:
+        return [take, lease, self.requests, self.tokens, self.streams, self.lease_ttl_ms, WINDOW_MS]
 
     def _quota(self, reply: list[Any]) -> Quota | None:
         remaining = int(reply[3])

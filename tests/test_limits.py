@@ -17,6 +17,7 @@ import pytest
 import redis as sync_redis
 
 from api.config import Settings
+from api.keys import session_keys
 from api.outcomes import Outcome
 from api.ratelimit import Admission
 from api.redis_client import make_redis
@@ -324,3 +325,57 @@ async def test_admission_costs_one_round_trip(redis_url: str, make_settings: Cal
     assert decision.allowed
     assert counts["round_trips"] == 1
     assert counts["by_name"] == {"EVALSHA": 1}
+
+
+def test_a_committed_turn_costs_two_round_trips(
+    redis_url: str, live_app: StartApp, rdb: sync_redis.Redis, prefix: str
+) -> None:
+    """Admission and the session's lock (with its history) go in one round trip; the commit, the
+    lock's release and the lease's settlement in another. Counted on the wire."""
+    from tests.bench.redis_meter import RedisMeter
+
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    with RedisMeter(host, int(port)) as meter:
+        app = live_app(
+            redis_url=meter.url, rate_limit_requests=100, rate_limit_tokens=10**6, rate_limit_concurrent=5
+        )
+        assert app.chat("warm", "hi").status_code == 200  # connections made, scripts loaded
+        app.wait_reports(1)
+        meter.reset()
+        assert app.chat("counted", "hi").text == "echo: hi [turns=1]"
+        app.wait_reports(2)
+        counts = meter.snapshot()
+    assert counts["round_trips"] == 2
+    assert counts["by_name"] == {"EVALSHA": 4}  # admit + begin_turn, commit_turn + settle
+
+
+def test_a_request_over_its_limit_on_a_busy_session_gets_429_and_leaves_the_turn_alone(
+    live_app: StartApp, rdb: sync_redis.Redis, prefix: str
+) -> None:
+    """The limits decide first, as if asked alone; the lock that was taken alongside is given back,
+    and the lock of the turn in flight is never touched."""
+    app = live_app(rate_limit_requests=2)
+    lock = session_keys(prefix, "public", "busy").lock
+    with app.client.stream(
+        "POST", "/chat/busy/stream", json={"message": "@@deltas=10 @@delay=0.1"}
+    ) as streaming:
+        assert streaming.status_code == 200
+        holder = rdb.get(lock)
+        assert app.chat("busy", "second").status_code == 409  # within the limit: the session is busy
+        assert_error(app.chat("busy", "third"), 429, "rate_limited")  # over it: 429, busy or not
+        assert rdb.get(lock) == holder
+        streaming.read()
+    assert rdb.get(lock) is None
+    reply = "".join(f"w{i} " for i in range(10))
+    assert [m["content"] for m in app.history("busy")] == ["@@deltas=10 @@delay=0.1", reply]
+
+
+def test_a_request_refused_by_its_limit_leaves_the_session_as_it_was(
+    live_app: StartApp, rdb: sync_redis.Redis, prefix: str
+) -> None:
+    app = live_app(rate_limit_requests=1)
+    assert app.chat("s", "first").status_code == 200
+    before = {k: rdb.dump(k) for k in rdb.scan_iter(f"{prefix}:{{public.s}}:*")}
+    assert_error(app.chat("s", "second"), 429, "rate_limited")
+    assert {k: rdb.dump(k) for k in rdb.scan_iter(f"{prefix}:{{public.s}}:*")} == before
+    assert rdb.get(session_keys(prefix, "public", "s").lock) is None

@@ -492,27 +492,34 @@ def test_a_reply_cut_mid_stream_is_not_logged_as_a_crash(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-def test_a_lock_taken_whose_reply_was_lost_is_given_back(
+def test_a_lock_and_lease_taken_whose_reply_was_lost_are_given_back(
     live_app: StartApp, rdb: sync_redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Redis took the lock but its answer never arrived: the client gets a 503, and the session must
-    not then stay locked for a whole lock ttl."""
-    from api.errors import StoreUnavailable
-    from api.history import SessionStore
+    """Redis took the lease and the lock but its answer never arrived: the client gets a 503, and
+    neither the session nor a stream of the caller's may then stay taken for a whole ttl."""
+    import api.chat
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    real = SessionStore.begin
+    real = api.chat.run_together
+    lost: list[int] = []
 
-    async def begin_reply_lost(self: SessionStore, keys: Any, token: str) -> Any:
-        await real(self, keys, token)
-        # What the store raises when the socket times out waiting for the reply.
-        raise StoreUnavailable("the session store is unavailable; try again shortly", retry_after=1)
+    async def reply_lost(redis: Any, calls: Any) -> Any:
+        await real(redis, calls)
+        if not lost:  # only the turn's first round trip: admission and the lock together
+            lost.append(len(calls))
+            # What the client raises when no reply comes within its time limit.
+            raise RedisTimeoutError("no reply from Redis within 5 s")
+        return await real(redis, calls)
 
-    app = live_app(lock_ttl_seconds=30)
-    monkeypatch.setattr(SessionStore, "begin", begin_reply_lost)
+    app = live_app(lock_ttl_seconds=30, rate_limit_concurrent=1)
+    monkeypatch.setattr(api.chat, "run_together", reply_lost)
     response = app.chat("s", "hi")
-    assert response.status_code == 503
+    assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable"
+    assert lost == [2]
     assert [k for k in rdb.scan_iter(f"{prefix}:*") if k.endswith(":lock")] == []
-    monkeypatch.setattr(SessionStore, "begin", real)
+    streams = [k for k in rdb.scan_iter(f"{prefix}:*") if k.endswith(":streams")]
+    assert all(rdb.zcard(k) == 0 for k in streams)
+    # With one stream allowed, a lease left behind would refuse this turn with 429.
     assert app.chat("s", "again").status_code == 200
 
 
