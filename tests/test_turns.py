@@ -14,7 +14,9 @@ import httpx
 import orjson
 import pytest
 import redis as sync_redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+import api.chat
 from api.keys import session_keys
 from api.outcomes import Outcome
 from api.protocol import ChatHttpProtocol
@@ -497,9 +499,6 @@ def test_a_lock_and_lease_taken_whose_reply_was_lost_are_given_back(
 ) -> None:
     """Redis took the lease and the lock but its answer never arrived: the client gets a 503, and
     neither the session nor a stream of the caller's may then stay taken for a whole ttl."""
-    import api.chat
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
     real = api.chat.run_together
     lost: list[int] = []
 
