@@ -75,7 +75,7 @@ def build_context(history: list[dict[str, Any]], user_text: str, budget: int) ->
 class TurnRequest:
     tenant: str
     session_id: str | None
-    body: ChatRequest
+    body: ChatRequest | None  # taken by `ChatService.open_turn`
     subject: str = ""  # whose limits apply; see `api.auth.Caller`
     quota: Quota | None = None  # the request limit as admission left it, for the response headers
 
@@ -305,10 +305,12 @@ class ChatService:
     # Turns.
 
     async def open_turn(self, request: TurnRequest, report: TurnReport) -> Turn:
-        """Everything before the 200: on failure raises `ChatError`, holding nothing."""
+        """Everything before the 200: on failure raises `ChatError`, holding nothing. The request's
+        body is taken from it: the turn keeps what it needs, and an open stream not the rest."""
         started = time.monotonic()
-        body = request.body
-        upstream_request = self._validate(request)
+        body, request.body = request.body, None
+        assert body is not None, "a turn request is opened once"
+        upstream_request = self._validate(body)
         report.model = upstream_request.model
         keys = self.keys(request.tenant, request.session_id) if request.session_id is not None else None
         if body.regenerate and keys is None:
@@ -490,8 +492,8 @@ class ChatService:
     async def finish(self, report: TurnReport) -> None:
         await self.recorder.record(report)
 
-    def _validate(self, request: TurnRequest) -> UpstreamRequest:
-        body, settings = request.body, self.settings
+    def _validate(self, body: ChatRequest) -> UpstreamRequest:
+        settings = self.settings
         if body.regenerate:
             if body.message is not None:
                 raise InvalidRequest("a regenerate request carries no message")

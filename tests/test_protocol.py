@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import re
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -9,7 +12,14 @@ from typing import Any
 import pytest
 
 from api.outcomes import Outcome
-from api.protocol import CLIENT_GONE, ON_DISCONNECT, ChatHttpProtocol, unwatch_disconnect, watch_disconnect
+from api.protocol import (
+    CLIENT_GONE,
+    ON_DISCONNECT,
+    ChatHttpProtocol,
+    LeanEvent,
+    unwatch_disconnect,
+    watch_disconnect,
+)
 from api.standin import StandInModel
 from tests.conftest import LiveApp
 from tests.processes import wait_until
@@ -79,3 +89,66 @@ def test_a_client_gone_before_the_turn_registered_is_seen(
     reports = app.wait_reports(1, timeout=2.5)  # well before the reply's first text at 3 s
     assert reports[0].outcome is Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
     wait_until(lambda: standin.active_streams == 0, 2.0, "the upstream stream to be closed")
+
+
+# --- the per-stream objects the protocol makes lean ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_lean_event_behaves_as_asyncio_s() -> None:
+    event = LeanEvent()
+    assert not event.is_set()
+    woken: list[int] = []
+
+    async def waiter(n: int) -> None:
+        assert await event.wait() is True
+        woken.append(n)
+
+    tasks = [asyncio.create_task(waiter(n)) for n in range(3)]
+    await asyncio.sleep(0.01)
+    assert woken == []
+    event.set()
+    await asyncio.gather(*tasks)
+    assert sorted(woken) == [0, 1, 2]
+    assert await asyncio.wait_for(event.wait(), 0.1) is True  # already set: at once
+    event.clear()
+    late = asyncio.create_task(event.wait())
+    await asyncio.sleep(0.01)
+    assert not late.done()
+    event.set()
+    assert await asyncio.wait_for(late, 0.1) is True
+
+
+@pytest.mark.anyio
+async def test_a_lean_event_allocates_for_waiters_only_once_someone_waits() -> None:
+    event = LeanEvent()
+    event.set()
+    event.clear()
+    event.set()
+    assert "_waiters" not in vars(event)  # nothing per event until a wait
+    event.clear()
+    waiting = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    assert isinstance(vars(event)["_waiters"], collections.deque)
+    event.set()
+    await waiting
+
+
+def test_requests_pipelined_on_one_connection_are_answered_in_order(live_app: Callable[..., LiveApp]) -> None:
+    """uvicorn queues a request sent before the previous response ended; that queue is ours now."""
+    app = live_app()
+    host, port = app.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-request-id: first\r\n\r\n"
+            b"GET /nowhere HTTP/1.1\r\nhost: x\r\nx-request-id: second\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-request-id: third\r\n\r\n"
+        )
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 3 or not data.endswith(b"}"):
+            part = sock.recv(65536)
+            assert part
+            data += part
+    # Each status line follows the previous body directly.
+    assert re.findall(rb"HTTP/1\.1 (\d{3})", data) == [b"200", b"404", b"200"]
+    assert re.findall(rb"x-request-id: (\w+)", data) == [b"first", b"second", b"third"]
