@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.bench import report
 from tests.processes import ROOT
 
 
@@ -38,5 +40,45 @@ def test_a_quick_bench_run_measures_every_target_and_writes_its_report(tmp_path:
     assert "EVALSHA" in results["redis"]["by_name"]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| figure |" in table
+    assert "| figure |" in table and "| vs floor | vs tutorial |" in table
     assert run.stdout.strip().startswith("| figure |")
+
+
+def synthetic_results() -> dict[str, Any]:
+    def target(first_ms: float, streams: int, cpu: float, kib: float) -> dict[str, Any]:
+        first = {"p50_ms": first_ms, "p99_ms": first_ms * 2}
+        return {
+            "first_byte": {"1": first, "50": first},
+            "max_streams": streams,
+            "cpu_per_1k": cpu,
+            "kib_per_stream": kib,
+        }
+
+    return {
+        "fixed_load": 200,
+        "targets": {
+            "floor": target(0.5, 2000, 0.04, 10.0),
+            "tutorial": target(4.5, 250, 0.5, 150.0),
+            "service": target(1.5, 1000, 0.2, 16.0),
+            "service_one_shot": target(1.25, 0, 0.0, 0.0),
+        },
+        "redis": {"round_trips": 2.0, "commands": 4.0},
+        "notes": ["a note"],
+    }
+
+
+def test_the_table_gives_each_figure_against_both_baselines_and_its_goal() -> None:
+    lines = report.markdown(synthetic_results()).splitlines()
+    assert lines[0].split(" | ")[4:6] == ["vs floor", "vs tutorial"]
+    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in lines[2:11]}
+    # floor, tutorial, service, vs floor, vs tutorial, goal, met
+    assert cells["added time to first text byte, p50, 1 client (ms)"][:7] == [
+        "0.00", "4.00", "1.00", "0.33×", "4.0×", "≤ 2.00", "yes |",
+    ]  # fmt: skip
+    assert cells["concurrent streams one worker holds (p99 ≤ 1.25× duration, no errors)"][3:7] == [
+        "0.5×", "4.0×", "≥ 1,000", "yes |",
+    ]  # fmt: skip
+    assert cells["CPU-seconds per 1,000 deltas at 200 streams"][3:7] == ["0.2×", "2.5×", "≤ 0.15", "**no** |"]
+    assert cells["memory per open stream (KiB)"][3:7] == ["0.62×", "9.4×", "≤ 20", "yes |"]
+    assert cells["Redis round trips per committed turn"][2:7] == ["2.00", "", "", "≤ 3", "yes |"]
+    assert "- a note" in lines
