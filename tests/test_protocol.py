@@ -6,11 +6,12 @@ import asyncio
 import collections
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
+from api.chat import Turn
 from api.outcomes import Outcome
 from api.protocol import (
     CLIENT_GONE,
@@ -152,3 +153,23 @@ def test_requests_pipelined_on_one_connection_are_answered_in_order(live_app: Ca
     # Each status line follows the previous body directly.
     assert re.findall(rb"HTTP/1\.1 (\d{3})", data) == [b"200", b"404", b"200"]
     assert re.findall(rb"x-request-id: (\w+)", data) == [b"first", b"second", b"third"]
+
+
+@pytest.mark.parametrize(("http", "pushed"), [(ChatHttpProtocol, True), ("httptools", False)])
+def test_under_the_chat_protocol_a_reply_is_pushed_not_pulled(
+    live_app: Callable[..., LiveApp], monkeypatch: pytest.MonkeyPatch, http: Any, pushed: bool
+) -> None:
+    """The production protocol hands the turn a writer, and the reply goes to it from the upstream's
+    callbacks; any other server gets the same reply pulled through ASGI `send()`."""
+    pulled: list[int] = []
+    real = Turn.chunks
+
+    def chunks(self: Turn) -> AsyncIterator[bytes]:
+        pulled.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Turn, "chunks", chunks)
+    app = live_app(http)
+    assert app.chat("s", "one two three").text == "echo: one two three [turns=1]"
+    assert app.chat("s", "@@deltas=50").text == "".join(f"w{i} " for i in range(50))
+    assert pulled == ([] if pushed else [1, 1])
