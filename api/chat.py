@@ -387,7 +387,7 @@ class ChatService:
         `release` gives it back. The limits decide first, as if they had been asked alone: a request
         over them gets 429 even where the session is busy."""
         admit = self.admission.admit_call(request.subject) if self.admission.enabled else None
-        token = secrets.token_hex(16)
+        token = secrets.token_hex(16) if keys is not None else ""
         calls = [admit.call] if admit is not None else []
         if keys is not None:
             calls.append(self.store.begin_call(keys, token))
