@@ -179,12 +179,12 @@ class Turn:
         """Have the rest of the reply pushed to `write` as it arrives. The future resolves once the
         reply completed (all of it written) or fails with `StreamFailed`; None where the reply can
         only be pulled, and `chunks()` must be used instead."""
-        self._done = asyncio.get_running_loop().create_future()
+        done = self._done = asyncio.get_running_loop().create_future()
         self._write = write
         if not self.reply.pipe(self._relayed, self._ended):
             self._done = self._write = None
             return None
-        return self._done
+        return done  # not self._done: a reply already whole has resolved it, and let go of it
 
     def throttle(self, paused: bool) -> None:
         """The client cannot take more for now (or can again): hold the upstream back meanwhile."""

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from api.chat import Turn
-from api.outcomes import Outcome
+from api.chat import Hold, Turn
+from api.outcomes import Outcome, TurnReport
 from api.protocol import (
     CLIENT_GONE,
     ON_DISCONNECT,
@@ -173,3 +173,26 @@ def test_under_the_chat_protocol_a_reply_is_pushed_not_pulled(
     assert app.chat("s", "one two three").text == "echo: one two three [turns=1]"
     assert app.chat("s", "@@deltas=50").text == "".join(f"w{i} " for i in range(50))
     assert pulled == ([] if pushed else [1, 1])
+
+
+class WholeReply:
+    """A reply whose every byte had arrived with its first text: piping it ends it at once."""
+
+    decoder = None
+
+    def pipe(self, on_text: Callable[[bytes], None], on_end: Callable[[Any], None]) -> bool:
+        on_text(b" and the rest")
+        on_end(None)
+        return True
+
+
+@pytest.mark.anyio
+async def test_a_reply_already_whole_when_relayed_is_still_pushed() -> None:
+    written: list[bytes] = []
+    hold = Hold(reply=WholeReply())  # type: ignore[arg-type]
+    turn = Turn(None, TurnReport("r"), hold, b"first", None, "hi", False, 0.0)  # type: ignore[arg-type]
+    relayed = turn.relay(written.append)
+    assert relayed is not None  # not a fall-back to pulling
+    await asyncio.wait_for(relayed, 1.0)
+    assert written == [b" and the rest"]
+    assert hold.relayed == len(b" and the rest")
