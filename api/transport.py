@@ -385,6 +385,9 @@ class _Connection(asyncio.Protocol):
         assert self._body is not None
         self._mode = ""
         self._body.finish()
+        # The message is whole, whatever its reader held back: read again, so that an idle connection
+        # hears its server close it, and the next response on it is read at all.
+        self.resume()
 
     def _protocol_error(self, message: str) -> None:
         if self._body is not None:
@@ -550,6 +553,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         self._active.discard(conn)
         self._limit.release()
         if complete and conn.reusable and not conn.closed:
+            conn.resume()
             conn.idle_since = time.monotonic()
             conn._body = None
             self._idle.setdefault(key, deque()).append(conn)

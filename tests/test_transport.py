@@ -622,6 +622,27 @@ async def test_a_throttled_pipe_holds_the_sender_back_without_timing_out() -> No
     assert server.connections == 1
 
 
+async def test_a_body_that_ends_while_throttled_leaves_a_connection_that_reads_again() -> None:
+    """The sink throttles on the very piece that ends the body: the connection goes back to the pool
+    complete, and must not stay paused there, or the next request on it would never read its head."""
+    async with (
+        Server(respond_with(length_response(b"all of it"))) as server,
+        lean_client(httpx2.Timeout(5.0, read=1.0)) as client,
+    ):
+        got = bytearray()
+        async with client.stream("GET", server.url) as response:
+            piped = response.extensions[BODY].body
+            sink = Collector(got)
+            sink.on_data = lambda data: piped.throttle(True)
+            await asyncio.sleep(0.05)  # the whole body waits, unread, in one piece
+            piped.pipe(sink)
+            await sink.ended
+        assert got == b"all of it"
+        again = await asyncio.wait_for(client.get(server.url), 2.0)
+        assert again.content == b"all of it"
+    assert server.connections == 1
+
+
 async def test_an_unpiped_body_drops_the_rest_and_a_connection_left_mid_body_is_not_reused() -> None:
     head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
     got = bytearray()
