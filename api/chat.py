@@ -382,51 +382,38 @@ class ChatService:
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _admit_and_lock(self, request: TurnRequest, keys: SessionKeys | None, hold: Hold) -> None:
-        """Take from the caller's limits and, for a session, take its lock and read its history: one
-        round trip for both. What was taken is put in `hold` before any refusal is raised, so that
-        `release` gives it back. The limits decide first, as if they had been asked alone: a request
-        over them gets 429 even where the session is busy."""
-        admit = self.admission.admit_call(request.subject) if self.admission.enabled else None
-        token = secrets.token_hex(16) if keys is not None else ""
-        calls = [admit.call] if admit is not None else []
+        """Take from the caller's limits, then, for a session, take its lock and read its history.
+
+        The limits go first and alone, so a request they refuse never touches its session: were both
+        sent in one round trip (they cannot share one script, their keys being in different cluster
+        slots), a refused request would hold the lock for a moment and could cost a concurrent turn of
+        the same session a 409. What each step takes is on `hold` as soon as it is known; a step whose
+        reply was lost or could not be read gives back what Redis may have taken for it.
+        """
+        if self.admission.enabled:
+            admit = self.admission.admit_call(request.subject)
+            try:
+                decision = self.admission.decision(admit, await admit.call.run())
+            except BaseException as exc:
+                await self._release_unconfirmed(admit, None, "")
+                if isinstance(exc, RedisError):
+                    raise self.admission.unavailable() from exc
+                raise
+            request.quota = decision.quota
+            if not decision.allowed:
+                raise RateLimited(decision.message, retry_after=decision.retry_after)
+            hold.ticket = decision.ticket
         if keys is not None:
-            calls.append(self.store.begin_call(keys, token))
-        if not calls:
-            return
-        try:
-            results = await run_together(self.store.redis, calls)
-        except BaseException as exc:
-            # Redis may have applied both though their replies never came back: give back the lock by
-            # its token and the lease by its id, rather than hold them for a ttl.
-            await self._release_unconfirmed(admit, keys, token)
-            if isinstance(exc, RedisError):
-                raise (
-                    self.admission.unavailable() if admit is not None else store_unavailable(self.store)
-                ) from exc
-            raise
-        failed: ChatError | None = None
-        if admit is not None:
-            reply = results.pop(0)
-            if isinstance(reply, Exception):
-                failed = self.admission.unavailable()
-            else:
-                decision = self.admission.decision(admit, reply)
-                request.quota = decision.quota
-                hold.ticket = decision.ticket
-                if not decision.allowed:
-                    failed = RateLimited(decision.message, retry_after=decision.retry_after)
-        if keys is not None:
-            reply = results.pop(0)
-            if isinstance(reply, Exception):
-                failed = failed or store_unavailable(self.store)
-            else:
-                hold.snapshot = self.store.begun(keys, token, reply)
-                if hold.snapshot is None:
-                    failed = failed or SessionBusy(
-                        "another turn of this session is in progress; retry when it ends"
-                    )
-        if failed is not None:
-            raise failed
+            token = secrets.token_hex(16)
+            try:
+                hold.snapshot = self.store.begun(keys, token, await self.store.begin_call(keys, token).run())
+            except BaseException as exc:
+                await self._release_unconfirmed(None, keys, token)
+                if isinstance(exc, RedisError):
+                    raise store_unavailable(self.store) from exc
+                raise
+            if hold.snapshot is None:
+                raise SessionBusy("another turn of this session is in progress; retry when it ends")
 
     async def quota(self, subject: str) -> Quota | None:
         """The request limit as it stands, for a response refused before admission; None if unknown."""

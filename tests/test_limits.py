@@ -327,33 +327,57 @@ async def test_admission_costs_one_round_trip(redis_url: str, make_settings: Cal
     assert counts["by_name"] == {"EVALSHA": 1}
 
 
-def test_a_committed_turn_costs_two_round_trips(
-    redis_url: str, live_app: StartApp, rdb: sync_redis.Redis, prefix: str
+@pytest.mark.parametrize(
+    ("limits", "round_trips", "scripts"),
+    [
+        # admit; begin_turn (the lock and the history); commit_turn with settle
+        pytest.param(True, 3, 4, id="with-limits"),
+        # begin_turn; commit_turn
+        pytest.param(False, 2, 2, id="no-limits"),
+    ],
+)
+def test_what_a_committed_turn_costs_redis(
+    redis_url: str, live_app: StartApp, limits: bool, round_trips: int, scripts: int
 ) -> None:
-    """Admission and the session's lock (with its history) go in one round trip; the commit, the
-    lock's release and the lease's settlement in another. Counted on the wire."""
+    """Counted on the wire: each step one script, the commit and the settlement together."""
     from tests.bench.redis_meter import RedisMeter
 
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    configured = {"rate_limit_requests": 100, "rate_limit_tokens": 10**6, "rate_limit_concurrent": 5}
     with RedisMeter(host, int(port)) as meter:
-        app = live_app(
-            redis_url=meter.url, rate_limit_requests=100, rate_limit_tokens=10**6, rate_limit_concurrent=5
-        )
+        app = live_app(redis_url=meter.url, **(configured if limits else {}))
         assert app.chat("warm", "hi").status_code == 200  # connections made, scripts loaded
         app.wait_reports(1)
         meter.reset()
         assert app.chat("counted", "hi").text == "echo: hi [turns=1]"
         app.wait_reports(2)
         counts = meter.snapshot()
-    assert counts["round_trips"] == 2
-    assert counts["by_name"] == {"EVALSHA": 4}  # admit + begin_turn, commit_turn + settle
+    assert counts["round_trips"] == round_trips
+    assert counts["by_name"] == {"EVALSHA": scripts}
+
+
+def test_a_request_its_limits_refuse_never_touches_its_session(redis_url: str, live_app: StartApp) -> None:
+    """Admission goes alone, first: a refused request sends Redis nothing but that one script."""
+    from tests.bench.redis_meter import RedisMeter
+
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    with RedisMeter(host, int(port)) as meter:
+        app = live_app(redis_url=meter.url, rate_limit_requests=1)
+        assert app.chat("s", "hi").status_code == 200
+        app.wait_reports(1)
+        meter.reset()
+        assert_error(app.chat("s", "again"), 429, "rate_limited")
+        app.wait_reports(2)
+        counts = meter.snapshot()
+    assert counts["round_trips"] == 1
+    assert counts["by_name"] == {"EVALSHA": 1}
 
 
 def test_a_request_over_its_limit_on_a_busy_session_gets_429_and_leaves_the_turn_alone(
     live_app: StartApp, rdb: sync_redis.Redis, prefix: str
 ) -> None:
-    """The limits decide first, as if asked alone; the lock that was taken alongside is given back,
-    and the lock of the turn in flight is never touched."""
+    """The limits decide first: over them, a request gets 429 whether or not its session is busy, and
+    the lock of the turn in flight is never touched."""
     app = live_app(rate_limit_requests=2)
     lock = session_keys(prefix, "public", "busy").lock
     with app.client.stream(

@@ -16,10 +16,10 @@ import pytest
 import redis as sync_redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-import api.chat
 from api.keys import session_keys
 from api.outcomes import Outcome
 from api.protocol import ChatHttpProtocol
+from api.scripts import ScriptCall, script_source
 from api.standin import StandInModel
 from tests.conftest import LiveApp
 from tests.processes import wait_until
@@ -494,32 +494,46 @@ def test_a_reply_cut_mid_stream_is_not_logged_as_a_crash(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-def test_a_lock_and_lease_taken_whose_reply_was_lost_are_given_back(
-    live_app: StartApp, rdb: sync_redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("step", ["admit", "begin_turn"])
+def test_a_lock_or_lease_taken_whose_reply_was_lost_is_given_back(
+    live_app: StartApp, rdb: sync_redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    """Redis took the lease and the lock but its answer never arrived: the client gets a 503, and
-    neither the session nor a stream of the caller's may then stay taken for a whole ttl."""
-    real = api.chat.run_together
-    lost: list[int] = []
+    """Redis took the lease (or the lock) but its answer never arrived: the client gets a 503, and
+    neither a stream of the caller's nor the session may then stay taken for a whole ttl."""
+    real = ScriptCall.run
+    lost: list[str] = []
 
-    async def reply_lost(redis: Any, calls: Any) -> Any:
-        await real(redis, calls)
-        if not lost:  # only the turn's first round trip: admission and the lock together
-            lost.append(len(calls))
+    async def reply_lost(self: ScriptCall) -> Any:
+        result = await real(self)
+        if not lost and self.script.script == script_source(step):
+            lost.append(step)
             # What the client raises when no reply comes within its time limit.
             raise RedisTimeoutError("no reply from Redis within 5 s")
-        return await real(redis, calls)
+        return result
 
     app = live_app(lock_ttl_seconds=30, rate_limit_concurrent=1)
-    monkeypatch.setattr(api.chat, "run_together", reply_lost)
+    monkeypatch.setattr(ScriptCall, "run", reply_lost)
     response = app.chat("s", "hi")
     assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable"
-    assert lost == [2]
+    assert lost == [step]
     assert [k for k in rdb.scan_iter(f"{prefix}:*") if k.endswith(":lock")] == []
     streams = [k for k in rdb.scan_iter(f"{prefix}:*") if k.endswith(":streams")]
     assert all(rdb.zcard(k) == 0 for k in streams)
     # With one stream allowed, a lease left behind would refuse this turn with 429.
     assert app.chat("s", "again").status_code == 200
+
+
+def test_a_lock_taken_by_a_turn_begun_with_an_unreadable_reply_is_given_back(
+    live_app: StartApp, rdb: sync_redis.Redis, prefix: str
+) -> None:
+    """begin_turn.lua takes the lock before it reads the history; a history that cannot be read (here
+    a key of the wrong type) fails the script after that. The 503 leaves no lock behind."""
+    app = live_app(lock_ttl_seconds=30)
+    keys = session_keys(prefix, "public", "odd")
+    rdb.set(keys.history, "not a list")
+    response = app.chat("odd", "hi")
+    assert response.status_code == 503 and response.json()["error"]["type"] == "unavailable"
+    assert rdb.get(keys.lock) is None
 
 
 def test_a_reply_that_fails_before_its_first_text_is_asked_for_again(
