@@ -24,8 +24,9 @@ import collections
 from collections.abc import Callable, MutableMapping
 from typing import Any, Literal
 
+from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 # The scope key: None until the app registers its callback, CLIENT_GONE once the client left before it
 # did; absent under any other server.
@@ -154,13 +155,35 @@ class ChatHttpProtocol(HttpToolsProtocol):
             if cycle.flow is self.flow and getattr(cycle, "chunked_encoding", False) is None:
                 self.scope[CLIENT_WRITER] = self._writer
 
+    # The request whose response is being written. uvicorn's `cycle` is the newest request, which
+    # with HTTP pipelining is one queued behind it.
+    _answering: RequestResponseCycle | None = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def on_response_complete(self) -> None:
+        self._answering = None  # responses end in order; the next one queued, if any, starts now
+        super().on_response_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        cycle = self.cycle
+        cycle, answering = self.cycle, self._answering
         super().connection_lost(exc)
-        # uvicorn flags the cycle as disconnected only while its response is incomplete.
-        if cycle is None or not cycle.disconnected or ON_DISCONNECT not in cycle.scope:
-            return
-        hook = cycle.scope[ON_DISCONNECT]  # type: ignore[literal-required]
-        cycle.scope[ON_DISCONNECT] = CLIENT_GONE  # type: ignore[literal-required]
-        if callable(hook):
-            hook()
+        # uvicorn tells only its newest request that the client left, and only while its response
+        # is incomplete; the one being answered, with others queued behind it, must hear it too.
+        if answering is not None and answering is not cycle and not answering.response_complete:
+            answering.disconnected = True
+            answering.message_event.set()
+            _client_gone(answering)
+        if cycle is not None and cycle.disconnected:
+            _client_gone(cycle)
+
+
+def _client_gone(cycle: RequestResponseCycle) -> None:
+    if ON_DISCONNECT not in cycle.scope:
+        return
+    hook = cycle.scope[ON_DISCONNECT]  # type: ignore[literal-required]
+    cycle.scope[ON_DISCONNECT] = CLIENT_GONE  # type: ignore[literal-required]
+    if callable(hook):
+        hook()

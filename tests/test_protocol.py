@@ -196,3 +196,25 @@ async def test_a_reply_already_whole_when_relayed_is_still_pushed() -> None:
     await asyncio.wait_for(relayed, 1.0)
     assert written == [b" and the rest"]
     assert hold.relayed == len(b" and the rest")
+
+
+def test_a_client_gone_with_a_request_pipelined_behind_its_turn_ends_the_turn(
+    live_app: Callable[..., LiveApp], standin: StandInModel
+) -> None:
+    """uvicorn tells only the newest request on a connection that its client left; the turn being
+    answered, with another request queued behind it, must hear it too, or it would run on and commit."""
+    app = live_app()
+    cancelled = standin.streams_cancelled
+    body = b'{"message": "@@deltas=100 @@delay=0.05"}'
+    host, port = app.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /chat/piped/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body) + b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    wait_until(lambda: standin.streams_cancelled > cancelled, 2.0, "the upstream stream to be closed")
+    reports = app.wait_reports(1)
+    assert reports[0].outcome is Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING
+    assert not reports[0].committed
+    assert app.history("piped") == []
