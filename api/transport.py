@@ -133,8 +133,9 @@ class Body:
 
     def throttle(self, paused: bool) -> None:
         """Stop (or start again) reading a piped body while its sink cannot pass it on. A body held
-        back on purpose is not a silent upstream, so the read timeout rests meanwhile."""
-        if self._sink is None or self._sink is _DROP:
+        back on purpose is not a silent upstream, so the read timeout rests meanwhile. A body already
+        whole has nothing left to hold back: its connection keeps reading, ready for reuse."""
+        if self._sink is None or self._sink is _DROP or self.done:
             return
         conn = self._conn
         if paused:
@@ -553,7 +554,6 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         self._active.discard(conn)
         self._limit.release()
         if complete and conn.reusable and not conn.closed:
-            conn.resume()
             conn.idle_since = time.monotonic()
             conn._body = None
             self._idle.setdefault(key, deque()).append(conn)

@@ -622,11 +622,15 @@ async def test_a_throttled_pipe_holds_the_sender_back_without_timing_out() -> No
     assert server.connections == 1
 
 
-async def test_a_body_that_ends_while_throttled_leaves_a_connection_that_reads_again() -> None:
-    """The sink throttles on the very piece that ends the body: the connection goes back to the pool
-    complete, and must not stay paused there, or the next request on it would never read its head."""
+@pytest.mark.parametrize("arrives", ["before the pipe", "after the pipe"])
+async def test_a_body_that_ends_while_throttled_leaves_a_connection_that_reads_again(arrives: str) -> None:
+    """The sink throttles on the very piece that ends the body (one that waited in the body, or one
+    read with the body's end): the connection goes back to the pool complete, and must not stay paused
+    there, or the next request on it would never read its head."""
+    gap = 0.0 if arrives == "before the pipe" else 0.2
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"
     async with (
-        Server(respond_with(length_response(b"all of it"))) as server,
+        Server(respond_with(head, b"all of it", gap=gap)) as server,
         lean_client(httpx2.Timeout(5.0, read=1.0)) as client,
     ):
         got = bytearray()
@@ -634,7 +638,8 @@ async def test_a_body_that_ends_while_throttled_leaves_a_connection_that_reads_a
             piped = response.extensions[BODY].body
             sink = Collector(got)
             sink.on_data = lambda data: piped.throttle(True)
-            await asyncio.sleep(0.05)  # the whole body waits, unread, in one piece
+            if arrives == "before the pipe":
+                await asyncio.sleep(0.05)  # the whole body waits, unread, in one piece
             piped.pipe(sink)
             await sink.ended
         assert got == b"all of it"
