@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from api.config import Settings
 from api.errors import (
     ChatError,
@@ -27,7 +25,6 @@ from api.errors import (
     RateLimited,
     RequestTooLarge,
     SessionBusy,
-    StoreUnavailable,
     StreamFailed,
     UpstreamFailed,
     UpstreamTimeout,
@@ -36,7 +33,7 @@ from api.errors import (
 from api.history import CommitRefused, SessionStore, Snapshot, stored_message
 from api.keys import SessionKeys, session_keys
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.ratelimit import Admission, Admit, Quota, Ticket
+from api.ratelimit import Admission, Quota, Ticket
 from api.renewals import Renewer
 from api.schemas import ChatRequest
 from api.scripts import ScriptCall, run_together
@@ -383,35 +380,14 @@ class ChatService:
 
     async def _admit_and_lock(self, request: TurnRequest, keys: SessionKeys | None, hold: Hold) -> None:
         """Take from the caller's limits, then, for a session, take its lock and read its history.
-
-        The limits go first and alone, so a request they refuse never touches its session: were both
-        sent in one round trip (they cannot share one script, their keys being in different cluster
-        slots), a refused request would hold the lock for a moment and could cost a concurrent turn of
-        the same session a 409. What each step takes is on `hold` as soon as it is known; a step whose
-        reply was lost or could not be read gives back what Redis may have taken for it.
-        """
-        if self.admission.enabled:
-            admit = self.admission.admit_call(request.subject)
-            try:
-                decision = self.admission.decision(admit, await admit.call.run())
-            except BaseException as exc:
-                await self._release_unconfirmed(admit, None, "")
-                if isinstance(exc, RedisError):
-                    raise self.admission.unavailable() from exc
-                raise
-            request.quota = decision.quota
-            if not decision.allowed:
-                raise RateLimited(decision.message, retry_after=decision.retry_after)
-            hold.ticket = decision.ticket
+        The limits go first and alone, so that a request they refuse never touches its session."""
+        decision = await self.admission.admit(request.subject)
+        request.quota = decision.quota
+        if not decision.allowed:
+            raise RateLimited(decision.message, retry_after=decision.retry_after)
+        hold.ticket = decision.ticket
         if keys is not None:
-            token = secrets.token_hex(16)
-            try:
-                hold.snapshot = self.store.begun(keys, token, await self.store.begin_call(keys, token).run())
-            except BaseException as exc:
-                await self._release_unconfirmed(None, keys, token)
-                if isinstance(exc, RedisError):
-                    raise store_unavailable(self.store) from exc
-                raise
+            hold.snapshot = await self.store.begin(keys, secrets.token_hex(16))
             if hold.snapshot is None:
                 raise SessionBusy("another turn of this session is in progress; retry when it ends")
 
@@ -427,17 +403,6 @@ class ChatService:
         if hold.snapshot is not None or hold.ticket is not None:
             hold.admission = self.admission
             self.renewer.add(hold)
-
-    async def _release_unconfirmed(self, admit: Admit | None, keys: SessionKeys | None, token: str) -> None:
-        calls = []
-        if keys is not None:
-            calls.append(ScriptCall(self.store.scripts.release_lock, [keys.lock], [token]))
-        if admit is not None:  # settling a lease that was never taken charges and frees nothing
-            calls.append(self.admission.settle_call(Ticket(admit.keys, admit.lease), 0))
-        try:
-            await asyncio.shield(run_together(self.store.redis, calls))
-        except BaseException:
-            log.debug("could not give back a lock or lease whose taking was not confirmed", exc_info=True)
 
     async def release(self, hold: Hold) -> None:
         # Every step runs even if another fails; a lock or a lease we cannot give back expires on its own.
@@ -520,12 +485,6 @@ def first_text_error(exc: ReplyBroken) -> ChatError:
     if exc.timeout:
         return UpstreamTimeout("Claude sent nothing in time", upstream_error=exc.kind)
     return UpstreamFailed(f"Claude failed before replying: {exc.reason}", upstream_error=exc.kind)
-
-
-def store_unavailable(store: SessionStore) -> ChatError:
-    if store.on_error is not None:
-        store.on_error()
-    return StoreUnavailable("the session store is unavailable; try again shortly", retry_after=1)
 
 
 def _message_id() -> str:

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.errors import StoreUnavailable
 from api.keys import SessionKeys
 from api.locks import SessionLock
-from api.scripts import ScriptCall, Scripts, run_together
+from api.scripts import ScriptCall, Scripts, give_back, run_together
 
 COMMIT_RETRY_DELAYS = (0.05, 0.25)  # then one last try
 
@@ -88,20 +88,23 @@ class SessionStore:
         self.lock_ttl_ms = max(1, int(lock_ttl * 1000))
 
     async def begin(self, keys: SessionKeys, token: str) -> Snapshot | None:
-        """Lock the session and read its history in one round trip; None when another turn holds it."""
-        async with redis_errors(self.on_error):
-            reply = await self.begin_call(keys, token).run()
-        return self.begun(keys, token, reply)
+        """Lock the session and read its history in one round trip; None when another turn holds it.
 
-    def begin_call(self, keys: SessionKeys, token: str) -> ScriptCall:
-        """`begin` as a call, for sending with others in one round trip; `begun` reads its reply."""
-        return ScriptCall(self.scripts.begin_turn, keys.all(), [token, self.lock_ttl_ms])
-
-    def begun(self, keys: SessionKeys, token: str, reply: list[Any]) -> Snapshot | None:
-        if reply[0] == 0:
-            return None
+        A reply that never came back, or could not be read (begin_turn.lua takes the lock before it
+        reads the history), may leave the lock taken: it is given back by its token at once, rather
+        than keep the session busy for a lock ttl.
+        """
+        try:
+            async with redis_errors(self.on_error):
+                reply = await ScriptCall(self.scripts.begin_turn, keys.all(), [token, self.lock_ttl_ms]).run()
+            if reply[0] == 0:
+                return None
+            messages = [orjson.loads(raw) for raw in reply[3]]
+        except BaseException:
+            await give_back(ScriptCall(self.scripts.release_lock, [keys.lock], [token]))
+            raise
         lock = SessionLock(self.redis, self.scripts, keys.lock, token, self.lock_ttl_ms)
-        return Snapshot(lock, int(reply[1]), int(reply[2]), [orjson.loads(raw) for raw in reply[3]])
+        return Snapshot(lock, int(reply[1]), int(reply[2]), messages)
 
     async def commit(
         self,

@@ -21,7 +21,7 @@ from redis.typing import EncodableT
 from api.config import Settings
 from api.errors import StoreUnavailable
 from api.keys import tenant_key
-from api.scripts import ScriptCall, Scripts
+from api.scripts import ScriptCall, Scripts, give_back
 
 WINDOW_MS = 60_000
 
@@ -55,15 +55,6 @@ class Ticket:
     keys: tuple[str, str, str]
     lease: str
     settled: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Admit:
-    """One admission: the call that takes from the limits, and what reading its reply needs."""
-
-    call: ScriptCall
-    keys: tuple[str, str, str]
-    lease: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,37 +93,28 @@ class Admission:
         )
 
     async def admit(self, subject: str) -> Decision:
-        """Check and take every limit at once; a refused request takes nothing."""
+        """Check and take every limit at once; a refused request takes nothing.
+
+        A reply that never came back (or could not be read) may leave the lease taken: it is settled
+        at once, for nothing, rather than hold one of the caller's streams for a lease ttl.
+        """
         if not self.enabled:
             return Decision(True)
-        admit = self.admit_call(subject)
-        try:
-            reply = await admit.call.run()
-        except RedisError as exc:
-            raise self.unavailable() from exc
-        return self.decision(admit, reply)
-
-    def admit_call(self, subject: str) -> Admit:
-        """Admission as a call, for sending with others in one round trip; `decision` reads its reply."""
         keys, lease = self.keys(subject), secrets.token_hex(12)
-        return Admit(ScriptCall(self.scripts.admit, keys[:2], self._args("1", lease)), keys, lease)
-
-    def decision(self, admit: Admit, reply: list[Any]) -> Decision:
-        quota = self._quota(reply)
+        try:
+            reply = await ScriptCall(self.scripts.admit, keys[:2], self._args("1", lease)).run()
+            quota = self._quota(reply)
+            refused_by = _text(reply[1])
+            retry_after = max(1, math.ceil(int(reply[2]) / 1000))
+        except BaseException as exc:
+            await give_back(self.settle_call(Ticket(keys, lease), 0))
+            if isinstance(exc, RedisError):
+                raise self._unavailable() from exc
+            raise
         if reply[0] == 1:
-            return Decision(True, Ticket(admit.keys, admit.lease), quota)
-        refused_by = _text(reply[1])
+            return Decision(True, Ticket(keys, lease), quota)
         limit = {"requests": self.requests, "tokens": self.tokens}.get(refused_by, self.streams)
-        message = _MESSAGES[refused_by].format(limit=limit)
-        return Decision(False, None, quota, message, max(1, math.ceil(int(reply[2]) / 1000)))
-
-    def unavailable(self) -> StoreUnavailable:
-        """What a request gets when its limits could not be checked (and Redis failed for it)."""
-        if self.on_error is not None:
-            self.on_error()
-        # Refusing is the safe side: letting requests through unchecked would hand out Claude's
-        # capacity (and its bill) without any of the limits this deployment asked for.
-        return StoreUnavailable("the limits cannot be checked now; try again shortly", retry_after=1)
+        return Decision(False, None, quota, _MESSAGES[refused_by].format(limit=limit), retry_after)
 
     async def peek(self, subject: str) -> Quota | None:
         """The request limit as it stands, taking nothing: for responses refused before admission."""
@@ -141,8 +123,15 @@ class Admission:
         try:
             reply = await self.scripts.admit(keys=self.keys(subject)[:2], args=self._args("0", ""))
         except RedisError as exc:
-            raise self.unavailable() from exc
+            raise self._unavailable() from exc
         return self._quota(reply)
+
+    def _unavailable(self) -> StoreUnavailable:
+        if self.on_error is not None:
+            self.on_error()
+        # Refusing is the safe side: letting requests through unchecked would hand out Claude's
+        # capacity (and its bill) without any of the limits this deployment asked for.
+        return StoreUnavailable("the limits cannot be checked now; try again shortly", retry_after=1)
 
     def settle_call(self, ticket: Ticket, tokens: int) -> ScriptCall:
         return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, tokens, self.tokens, WINDOW_MS])

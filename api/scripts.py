@@ -7,6 +7,8 @@ several scripts sent in one round trip.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +18,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
+
+log = logging.getLogger("api.scripts")
 
 
 def script_source(name: str) -> str:
@@ -46,6 +50,15 @@ class ScriptCall:
 
     async def run(self) -> Any:
         return await self.script(keys=self.keys, args=self.args)
+
+
+async def give_back(call: ScriptCall) -> None:
+    """Undo a step whose outcome is unknown; shielded, so that a client leaving cannot stop it. If
+    Redis cannot be reached for it either, what was taken expires on its own."""
+    try:
+        await asyncio.shield(call.run())
+    except BaseException:
+        log.debug("could not give back what an unconfirmed step may have taken", exc_info=True)
 
 
 async def run_together(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
