@@ -32,12 +32,20 @@ def test_a_quick_bench_run_measures_every_target_and_writes_its_report(tmp_path:
         target = results["targets"][name]
         assert target["max_streams"] > 0, (name, target["sweep"])
         assert all(level["errors"] == 0 for level in target["sweep"]), (name, target["sweep"])
-        assert target["first_byte"]["1"]["errors"] == 0
+        for clients in ("1", "50"):  # the time to first byte at both concurrencies, p50 and p99
+            first = target["first_byte"][clients]
+            assert first["errors"] == 0 and 0 < first["p50_ms"] <= first["p99_ms"], (name, first)
+        assert target["cpu_per_1k"] > 0, (name, target["sweep"])  # measured at the fixed load
         assert target["kib_per_stream"] is not None
     # A committed session turn goes through Redis: the meter must have seen it.
     assert results["redis"]["turns"] > 0
     assert results["redis"]["round_trips"] >= 1
     assert "EVALSHA" in results["redis"]["by_name"]
+    # Where each side ran, and how busy the load side was where the figures come from.
+    notes = results["notes"]
+    assert any(note.startswith("Pinning: ") for note in notes), notes
+    for name in ("tutorial", "service"):
+        assert any(note.startswith(f"{name} at its most") and "load side" in note for note in notes), notes
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert "| figure |" in table and "| vs floor | vs tutorial |" in table
