@@ -35,7 +35,9 @@ def test_a_quick_bench_run_measures_every_target_and_writes_its_report(tmp_path:
         for clients in ("1", "50"):  # the time to first byte at both concurrencies, p50 and p99
             first = target["first_byte"][clients]
             assert first["errors"] == 0 and 0 < first["p50_ms"] <= first["p99_ms"], (name, first)
-        assert target["cpu_per_1k"] > 0, (name, target["sweep"])  # measured at the fixed load
+        # Measured at the fixed load. /proc counts CPU in clock ticks (4 ms here): the stand-in's for
+        # a quick run's hundred deltas can round to nothing, a worker's cannot.
+        assert target["cpu_per_1k"] >= (0 if name == "floor" else 1e-9), (name, target["sweep"])
         assert target["kib_per_stream"] is not None
     # A committed session turn goes through Redis: the meter must have seen it.
     assert results["redis"]["turns"] > 0
