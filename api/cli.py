@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from pydantic import ValidationError
-
-from api.config import Settings, describe_error
+from api.config import load_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,8 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--workers", type=int, help="worker processes (CHAT_WORKERS, default 1)")
 
     dev = commands.add_parser("dev", help="run with an embedded Redis and a local stand-in model")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--host", help="address to bind (CHAT_HOST, default 127.0.0.1)")
+    dev.add_argument("--port", type=int, help="port (CHAT_PORT, default 8000)")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -31,18 +28,10 @@ def main(argv: list[str] | None = None) -> None:
             if getattr(args, flag) is not None:
                 os.environ[name] = str(getattr(args, flag))
         settings = load_settings()
-        from api.server import serve as run_server
+        from api.http.server import serve as run_server
 
         run_server(settings)
     else:
-        from api.dev import run_dev
+        from api.dev.run import run_dev
 
         run_dev(args.host, args.port)
-
-
-def load_settings(**overrides: object) -> Settings:
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        print(f"chat-api: configuration error: {describe_error(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from ipaddress import ip_network
 from typing import Annotated, Literal
 from urllib.parse import SplitResult, urlsplit
@@ -191,3 +192,12 @@ def describe_error(error: ValidationError) -> str:
     }
     name = field if field.isupper() else standard.get(field, f"CHAT_{field.upper()}")
     return f"{name}: {message}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """The settings, or exit 2 with one line naming the offending variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        print(f"chat-api: configuration error: {describe_error(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None

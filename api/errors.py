@@ -13,6 +13,7 @@ ChatError                       a turn (or request) refused before any reply byt
 └── UpstreamTimeout       504   no first token in time
 
 StreamFailed                    the reply broke after the 200 went out: the response is cut short
+StreamAborted                   raised to the server so that it drops the connection without the final chunk
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ class StreamFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.outcome = outcome
+
+
+class StreamAborted(Exception):
+    """Raised to the server so it drops the connection without the final chunk."""
 
 
 def error_body(type_: str, message: str) -> bytes:

@@ -15,10 +15,10 @@ import pytest
 import redis
 
 from api.config import Settings
+from api.dev.standin import StandInModel, StandInThread
+from api.http.protocol import ChatHttpProtocol
 from api.main import create_app
 from api.outcomes import TurnReport
-from api.protocol import ChatHttpProtocol
-from api.standin import StandInModel, StandInThread
 from tests.processes import RedisServer, ThreadServer
 
 

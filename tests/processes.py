@@ -25,7 +25,7 @@ import httpx
 import redis
 import uvicorn
 
-from api.protocol import ChatHttpProtocol
+from api.http.protocol import ChatHttpProtocol
 
 ROOT = Path(__file__).resolve().parent.parent
 

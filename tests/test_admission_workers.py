@@ -17,9 +17,9 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from api.auth import tenant_of
-from api.keys import tenant_key
-from api.standin import StandInModel
+from api.dev.standin import StandInModel
+from api.http.auth import tenant_of
+from api.store.keys import tenant_key
 from tests.processes import Worker, wait_until
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import fakeredis
 import httpx
 import pytest
 
-from api.auth import Authenticator
 from api.config import Settings
+from api.http.auth import Authenticator
 from api.main import create_app
 from api.outcomes import Outcome, TurnReport
 from tests.conftest import LiveApp, asgi_client

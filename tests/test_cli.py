@@ -121,7 +121,7 @@ def _cwd(pid: Path) -> str:
 def test_dev_takes_redis_and_the_key_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`chat-api dev` only brings its own Redis and model when neither the environment nor `.env`
     names one: the settings would read `.env`, and a key set there must not be silently ignored."""
-    from api.dev import configured
+    from api.dev.run import configured
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)

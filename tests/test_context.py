@@ -9,11 +9,11 @@ import httpx2
 import pytest
 from opentelemetry import trace
 
-import api.upstream as upstream_module
-from api.chat import build_context, estimate_tokens
+import api.upstream.client as upstream_module
 from api.config import Settings
 from api.errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
-from api.upstream import Upstream, open_error
+from api.turn.context import build_context, estimate_tokens
+from api.upstream.client import Upstream, open_error
 
 
 def msg(role: str, content: str) -> dict[str, str]:

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from api.auth import Authenticator
 from api.config import Settings
-from api.server import CLOSE_SECONDS
+from api.http.auth import Authenticator
+from api.http.server import CLOSE_SECONDS
 from tests.conftest import LiveApp
 from tests.processes import ROOT, free_port
 
@@ -78,7 +78,7 @@ def test_redis_keeps_every_turn_in_an_append_only_file_on_a_named_volume() -> No
 def test_the_api_waits_for_a_healthy_redis_is_ready_checked_and_drains_before_docker_kills_it() -> None:
     api = SERVICES["api"]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert check_command(api) == "python -m api.probe /readyz"
+    assert check_command(api) == "python -m api.ops.probe /readyz"
     assert {"path": ".env", "required": False} in api["env_file"]
     env = api["environment"]
     assert env["REDIS_URL"] == "redis://redis:6379/0"
@@ -93,7 +93,7 @@ def test_without_a_key_the_api_uses_the_stand_in_model_service() -> None:
     base_url = re.fullmatch(r"\$\{ANTHROPIC_BASE_URL:-http://model:(\d+)\}", env["ANTHROPIC_BASE_URL"])
     assert base_url is not None
     command = SERVICES["model"]["command"]
-    assert command[:3] == ["python", "-m", "api.standin"]
+    assert command[:3] == ["python", "-m", "api.dev.standin"]
     assert command[command.index("--port") + 1] == base_url[1]
     assert command[command.index("--host") + 1] == "0.0.0.0"
 
@@ -187,7 +187,7 @@ def test_the_final_image_has_no_dev_or_test_dependencies_and_a_healthcheck() -> 
     assert "[test]" not in everything and "[dev]" not in everything
     assert not any(i == "RUN" and "pip install" in args for i, args in stages[-1])
     [healthcheck] = [args for instruction, args in stages[-1] if instruction == "HEALTHCHECK"]
-    assert "api.probe" in healthcheck
+    assert "api.ops.probe" in healthcheck
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".env", "tests"} <= set(ignored)
 
@@ -198,7 +198,7 @@ def test_the_health_probe_exits_0_only_for_a_200(live_app: Callable[..., LiveApp
     def probe(port: int, path: str) -> int:
         env = {"CHAT_PORT": str(port), "PATH": "/usr/bin:/bin"}
         return subprocess.run(
-            [sys.executable, "-m", "api.probe", path], env=env, cwd=ROOT, timeout=10
+            [sys.executable, "-m", "api.ops.probe", path], env=env, cwd=ROOT, timeout=10
         ).returncode
 
     assert probe(app.server.port, "/readyz") == 0

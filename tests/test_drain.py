@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from api.drain import Drain
+from api.http.state import AppState
+from api.ops.drain import Drain
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.state import AppState
 from tests.conftest import LiveApp
 
 

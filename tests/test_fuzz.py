@@ -15,8 +15,8 @@ from schemathesis.checks import positive_data_acceptance
 from schemathesis.python import asgi
 
 from api.config import Settings
+from api.dev.standin import StandInModel
 from api.main import create_app
-from api.standin import StandInModel
 from tests.conftest import LiveApp
 
 KEY = "fuzz-key-0123456789abcdef"

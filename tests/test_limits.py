@@ -17,12 +17,12 @@ import pytest
 import redis as sync_redis
 
 from api.config import Settings
-from api.keys import session_keys
+from api.dev.standin import StandInModel
 from api.outcomes import Outcome
-from api.ratelimit import Admission
-from api.redis_client import make_redis
-from api.scripts import Scripts
-from api.standin import StandInModel
+from api.store.admission import Admission
+from api.store.keys import session_keys
+from api.store.redis import make_redis
+from api.store.scripts import Scripts
 from tests.conftest import LiveApp
 from tests.test_requests import assert_error
 

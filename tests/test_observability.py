@@ -11,8 +11,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.logs import REQUEST_ID, JsonFormatter
-from api.upstream import UPSTREAM_ERRORS
+from api.ops.logs import REQUEST_ID, JsonFormatter
+from api.upstream.client import UPSTREAM_ERRORS
 from tests.conftest import LiveApp
 from tests.processes import free_port, wait_until
 

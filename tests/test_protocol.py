@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from api.chat import Hold, Turn
-from api.outcomes import Outcome, TurnReport
-from api.protocol import (
+from api.dev.standin import StandInModel
+from api.http.protocol import (
     CLIENT_GONE,
     ON_DISCONNECT,
     ChatHttpProtocol,
@@ -21,7 +20,8 @@ from api.protocol import (
     unwatch_disconnect,
     watch_disconnect,
 )
-from api.standin import StandInModel
+from api.outcomes import Outcome, TurnReport
+from api.turn.service import Hold, Turn
 from tests.conftest import LiveApp
 from tests.processes import wait_until
 

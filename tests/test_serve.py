@@ -19,8 +19,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.server import CLOSE_SECONDS
-from api.standin import StandInModel
+from api.dev.standin import StandInModel
+from api.http.server import CLOSE_SECONDS
 from tests.processes import Worker, wait_until
 
 pytestmark = pytest.mark.slow

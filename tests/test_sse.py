@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from api.sse import ReplyDecoder, UpstreamEventError
+from api.upstream.events import ReplyDecoder, UpstreamEventError
 
 
 def event(name: str | None, data: dict[str, object], eol: str = "\n") -> bytes:

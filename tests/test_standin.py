@@ -15,7 +15,7 @@ import orjson
 import pytest
 from anthropic.types import Message, MessageParam
 
-from api.standin import MAX_RECORDED, StandInModel, StandInThread
+from api.dev.standin import MAX_RECORDED, StandInModel, StandInThread
 from tests.conftest import until
 
 MODEL = "claude-test"
@@ -638,7 +638,7 @@ def test_thread_serves_sync_clients() -> None:
 
 def test_command_line_serves_until_terminated() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.standin", "--port", "0", "--delay", "0"],
+        [sys.executable, "-m", "api.dev.standin", "--port", "0", "--delay", "0"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

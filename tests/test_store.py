@@ -11,9 +11,9 @@ import redis as sync_redis
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from api.history import CommitRefused, SessionStore, stored_message
-from api.keys import session_keys
-from api.scripts import Scripts
+from api.store.history import CommitRefused, SessionStore, stored_message
+from api.store.keys import session_keys
+from api.store.scripts import Scripts
 
 pytestmark = pytest.mark.anyio
 
@@ -192,12 +192,12 @@ async def test_a_commit_whose_reply_was_lost_is_sent_again_and_applied_once(
 ) -> None:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    import api.history
+    import api.store.history
 
     keys = session_keys(prefix, "t", "s")
     snapshot = await store.begin(keys, "tok")
     assert snapshot is not None
-    real = api.history.run_together
+    real = api.store.history.run_together
     sends = []
 
     async def reply_lost_once(redis: Redis, calls: list) -> list:  # type: ignore[type-arg]
@@ -207,7 +207,7 @@ async def test_a_commit_whose_reply_was_lost_is_sent_again_and_applied_once(
             raise RedisTimeoutError("Timeout reading from socket")  # ...but the reply never came
         return results
 
-    monkeypatch.setattr(api.history, "run_together", reply_lost_once)
+    monkeypatch.setattr(api.store.history, "run_together", reply_lost_once)
     await store.commit(keys, snapshot, "turn-1", turn(1), replace_last=False)
     assert len(sends) == 2  # sent again, recognised by its turn id
     assert contents(await store.read(keys)) == ["q1", "r1"]
@@ -218,7 +218,7 @@ async def test_a_redis_that_does_not_answer_times_out_each_call(redis_url: str) 
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from api.config import Settings
-    from api.redis_client import make_redis
+    from api.store.redis import make_redis
 
     handlers: list[asyncio.Task[None]] = []
 

@@ -17,8 +17,8 @@ import httpx2
 import orjson
 import pytest
 
-from api.standin import StandInModel
-from api.transport import BODY, BodyStream, LeanTransport
+from api.dev.standin import StandInModel
+from api.upstream.transport import BODY, BodyStream, LeanTransport
 from tests.conftest import until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]

@@ -16,11 +16,11 @@ import pytest
 import redis as sync_redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.keys import session_keys
+from api.dev.standin import StandInModel
+from api.http.protocol import ChatHttpProtocol
 from api.outcomes import Outcome
-from api.protocol import ChatHttpProtocol
-from api.scripts import ScriptCall, script_source
-from api.standin import StandInModel
+from api.store.keys import session_keys
+from api.store.scripts import ScriptCall, script_source
 from tests.conftest import LiveApp
 from tests.processes import wait_until
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.standin import StandInModel
+from api.dev.standin import StandInModel
 from tests.processes import Worker, wait_until, workers
 
 pytestmark = pytest.mark.slow

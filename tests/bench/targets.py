@@ -127,7 +127,7 @@ class Process:
 def standin(cores: Cores, log_dir: Path) -> Process:
     return Process(
         "stand-in",
-        [sys.executable, "-m", "api.standin", "--port", "{port}"],
+        [sys.executable, "-m", "api.dev.standin", "--port", "{port}"],
         {},
         cores.load,
         log_dir / "standin.log",

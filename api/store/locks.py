@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from api.scripts import ScriptCall, Scripts
+from api.store.scripts import ScriptCall, Scripts
 
 
 class SessionLock:

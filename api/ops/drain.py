@@ -23,20 +23,26 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from api.outcomes import OutcomeRecorder
-from api.state import AppState
 
-log = logging.getLogger("api.drain")
+log = logging.getLogger("api.ops.drain")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Drainable(Protocol):
+    """What a drain flips: the app's state, which readiness and admission read (`api.http.state.AppState`)."""
+
+    draining: bool
+
 
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class Drain:
-    def __init__(self, state: AppState, recorder: OutcomeRecorder, seconds: float) -> None:
+    def __init__(self, state: Drainable, recorder: OutcomeRecorder, seconds: float) -> None:
         self.state = state
         self.recorder = recorder
         self.seconds = seconds

@@ -30,42 +30,20 @@ from api.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from api.history import CommitRefused, SessionStore, Snapshot, stored_message
-from api.keys import SessionKeys, session_keys
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.ratelimit import Admission, Quota, Ticket
-from api.renewals import Renewer
-from api.schemas import ChatRequest
-from api.scripts import ScriptCall, run_together
-from api.slots import GenerationSlots
-from api.upstream import Reply, ReplyBroken, Upstream, UpstreamRequest
+from api.store.admission import Admission, Quota, Ticket
+from api.store.history import CommitRefused, SessionStore, Snapshot, stored_message
+from api.store.keys import SessionKeys, session_keys
+from api.store.renewals import Renewer
+from api.store.scripts import ScriptCall, run_together
+from api.turn.context import build_context, estimate_tokens
+from api.turn.schemas import ChatRequest
+from api.turn.slots import GenerationSlots
+from api.upstream.client import Reply, ReplyBroken, Upstream, UpstreamRequest
 
-log = logging.getLogger("api.chat")
+log = logging.getLogger("api.turn.service")
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-
-def estimate_tokens(text: str) -> int:
-    # A deliberate over-estimate (about 4 bytes of UTF-8 per token) so trimmed context fits.
-    return (len(text.encode()) + 3) // 4
-
-
-def build_context(history: list[dict[str, Any]], user_text: str, budget: int) -> list[dict[str, str]]:
-    """The newest messages that fit `budget` tokens with the new message, never opening on the assistant."""
-    used = estimate_tokens(user_text)
-    start = len(history)
-    while start > 0:
-        message = history[start - 1]
-        cost = message.get("tokens") or estimate_tokens(message["content"])
-        if used + cost > budget:
-            break
-        used += cost
-        start -= 1
-    while start < len(history) and history[start]["role"] != "user":
-        start += 1
-    context = [{"role": m["role"], "content": m["content"]} for m in history[start:]]
-    context.append({"role": "user", "content": user_text})
-    return context
 
 
 @dataclass(slots=True)

@@ -16,9 +16,9 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
-from api.scripts import ScriptCall, run_together
+from api.store.scripts import ScriptCall, run_together
 
-log = logging.getLogger("api.renewals")
+log = logging.getLogger("api.store.renewals")
 
 
 class Renewable(Protocol):

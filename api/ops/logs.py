@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import orjson
 
 from api.config import Settings
-from api.streaming import StreamAborted
+from api.errors import StreamAborted
 
 # The id of the request being served, set by the app's request-id middleware.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)

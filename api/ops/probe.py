@@ -1,4 +1,4 @@
-"""`python -m api.probe /readyz`: a container health check that needs nothing but Python (no curl).
+"""`python -m api.ops.probe /readyz`: a container health check that needs nothing but Python (no curl).
 
 Exits 0 when the worker on this host (CHAT_PORT) answers the path with 200, else 1.
 """

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from api.auth import Authenticator
-from api.chat import ChatService
 from api.config import Settings
-from api.metrics import Metrics
+from api.http.auth import Authenticator
+from api.ops.metrics import Metrics
+from api.turn.service import ChatService
 
 
 @dataclass(slots=True)
@@ -19,4 +19,4 @@ class AppState:
     chat: ChatService
     auth: Authenticator
     metrics: Metrics
-    draining: bool = False  # set once on SIGTERM: readiness and new turns answer 503 (api/drain.py)
+    draining: bool = False  # set once on SIGTERM: readiness and new turns answer 503 (api/ops/drain.py)

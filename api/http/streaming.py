@@ -17,12 +17,12 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from api.chat import ChatService, Turn, TurnRequest
-from api.errors import ChatError, StoreUnavailable, StreamFailed
+from api.errors import ChatError, StoreUnavailable, StreamAborted, StreamFailed
+from api.http.protocol import CLIENT_WRITER, ClientWriter, unwatch_disconnect, watch_disconnect
 from api.outcomes import Outcome, TurnReport
-from api.protocol import CLIENT_WRITER, ClientWriter, unwatch_disconnect, watch_disconnect
+from api.turn.service import ChatService, Turn, TurnRequest
 
-log = logging.getLogger("api.chat")
+log = logging.getLogger("api.turn.service")
 
 STREAM_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
@@ -32,13 +32,9 @@ STREAM_HEADERS = [
 
 
 # The server's own `send`, put in the scope by the app before any middleware wraps it (see
-# `api.main.ChatAPI`). The middlewares only look at a response's start, so the reply's chunks skip
+# `api.http.app.ChatAPI`). The middlewares only look at a response's start, so the reply's chunks skip
 # their wrappers: a few function calls less for every delta of every stream.
 RAW_SEND = "chat_api.send"
-
-
-class StreamAborted(Exception):
-    """Raised to the server so it drops the connection without the final chunk."""
 
 
 class TurnResponse(Response):

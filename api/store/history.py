@@ -20,9 +20,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import StoreUnavailable
-from api.keys import SessionKeys
-from api.locks import SessionLock
-from api.scripts import ScriptCall, Scripts, give_back, run_together
+from api.store.keys import SessionKeys
+from api.store.locks import SessionLock
+from api.store.scripts import ScriptCall, Scripts, give_back, run_together
 
 COMMIT_RETRY_DELAYS = (0.05, 0.25)  # then one last try
 

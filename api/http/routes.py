@@ -15,21 +15,22 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from api.auth import Caller
-from api.chat import SESSION_ID, ChatService, TurnRequest
 from api.errors import (
     AuthenticationFailed,
     ChatError,
     RequestTooLarge,
+    StreamAborted,
     Unavailable,
     ValidationFailed,
     error_body,
 )
-from api.metrics import CONTENT_TYPE
+from api.http.auth import Caller
+from api.http.state import AppState
+from api.http.streaming import TurnResponse
+from api.ops.metrics import CONTENT_TYPE
 from api.outcomes import Outcome, TurnReport
-from api.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
-from api.state import AppState
-from api.streaming import StreamAborted, TurnResponse
+from api.turn.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
+from api.turn.service import SESSION_ID, ChatService, TurnRequest
 
 log = logging.getLogger("api")
 
@@ -207,7 +208,7 @@ async def metrics(state: StateDep) -> Response:
 
 
 async def serve_turn(scope: Scope, receive: Receive, send: Send, rid: str, session_id: str | None) -> None:
-    """A chat POST as plain ASGI (see `api.main.ChatAPI`): what the two routes below do, and what
+    """A chat POST as plain ASGI (see `api.http.app.ChatAPI`): what the two routes below do, and what
     FastAPI's exception handlers would do for a failure before the response starts."""
     request = Request(scope, receive)
     started = False

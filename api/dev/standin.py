@@ -25,7 +25,7 @@ can steer it with no shared state (they are removed from the echoed text; unknow
 
 A non-streaming reply is sent after ``first_delay + delay * deltas`` seconds; the mid-stream faults apply
 to streams only, and count_tokens honours only the @@status family.
-``python -m api.standin --port 8001`` serves until SIGINT/SIGTERM and prints ``listening on <url>``.
+``python -m api.dev.standin --port 8001`` serves until SIGINT/SIGTERM and prints ``listening on <url>``.
 """
 
 from __future__ import annotations
@@ -683,7 +683,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m api.standin", description="Local stand-in for Claude.")
+    parser = argparse.ArgumentParser(
+        prog="python -m api.dev.standin", description="Local stand-in for Claude."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between streamed deltas")

@@ -8,7 +8,7 @@ loop, a body chunk costs one callback, and a relay can read the body straight fr
 `response.extensions[BODY]` without httpx's per-chunk layers.
 
 Errors are httpx2's own types, raised where httpcore would raise them, so the SDK retries exactly
-what it retried before and `api.upstream` maps mid-stream failures as before.
+what it retried before and `api.upstream.client` maps mid-stream failures as before.
 """
 
 from __future__ import annotations

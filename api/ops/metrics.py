@@ -25,7 +25,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.upstream import UPSTREAM_ERRORS
+from api.upstream.client import UPSTREAM_ERRORS
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

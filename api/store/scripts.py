@@ -1,4 +1,4 @@
-"""The Lua scripts shipped in `api/lua/`, registered on a client and run by SHA.
+"""The Lua scripts shipped in `api/store/lua/`, registered on a client and run by SHA.
 
 redis-py's `AsyncScript` sends EVALSHA and, on NOSCRIPT (a fresh or restarted Redis), loads the
 source and retries, so a Redis restart needs nothing from us. `run_together` keeps that promise for
@@ -19,11 +19,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
-log = logging.getLogger("api.scripts")
+log = logging.getLogger("api.store.scripts")
 
 
 def script_source(name: str) -> str:
-    return resources.files("api").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files("api.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)

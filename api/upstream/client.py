@@ -18,8 +18,8 @@ from opentelemetry import trace
 
 from api.config import Settings
 from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
-from api.sse import ReplyDecoder, UpstreamEventError
-from api.transport import BODY, BodyStream, LeanTransport
+from api.upstream.events import ReplyDecoder, UpstreamEventError
+from api.upstream.transport import BODY, BodyStream, LeanTransport
 
 DEFAULT_RETRY_AFTER = 5.0
 

@@ -20,8 +20,8 @@ from redis.typing import EncodableT
 
 from api.config import Settings
 from api.errors import StoreUnavailable
-from api.keys import tenant_key
-from api.scripts import ScriptCall, Scripts, give_back
+from api.store.keys import tenant_key
+from api.store.scripts import ScriptCall, Scripts, give_back
 
 WINDOW_MS = 60_000
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import uvicorn
 
 from api.config import Settings
-from api.logs import configure_logging
-from api.metrics import MULTIPROC_DIR, prepare_shared_dir
-from api.protocol import ChatHttpProtocol
+from api.http.protocol import ChatHttpProtocol
+from api.ops.logs import configure_logging
+from api.ops.metrics import MULTIPROC_DIR, prepare_shared_dir
 
-# On SIGTERM the app first drains for up to CHAT_DRAIN_SECONDS (api/drain.py); what is still running
+# On SIGTERM the app first drains for up to CHAT_DRAIN_SECONDS (api/ops/drain.py); what is still running
 # once uvicorn takes over gets this long before it is cut.
 CLOSE_SECONDS = 2
 

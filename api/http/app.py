@@ -1,0 +1,220 @@
+"""The ASGI application: `create_app(settings)` builds it; the lifespan makes its clients."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.config import Settings
+from api.errors import ChatError, StreamAborted, ValidationFailed
+from api.http.auth import Authenticator
+from api.http.routes import error_response, json_error, router, serve_turn
+from api.http.state import AppState
+from api.http.streaming import RAW_SEND
+from api.ops.drain import Drain
+from api.ops.logs import REQUEST_ID, quiet_aborted_streams
+from api.ops.metrics import Metrics
+from api.outcomes import OutcomeRecorder, TurnHook
+from api.store.admission import Admission
+from api.store.history import SessionStore
+from api.store.redis import make_redis
+from api.store.scripts import Scripts
+from api.turn.service import ChatService
+from api.turn.slots import GenerationSlots
+from api.upstream.client import Upstream
+
+log = logging.getLogger("api")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    on_turn_end: TurnHook | None = None,
+    redis: Redis | None = None,
+    own_process: bool = False,
+) -> FastAPI:
+    """Build the app. `redis` lets a test hand in its own client (which it then closes itself).
+
+    `own_process` is for the app a server process runs as its own, not for one embedded in a bigger
+    application or a test: SIGTERM drains the worker (api/ops/drain.py), and what start-up built is
+    moved out of the garbage collector's sight (`settle_heap`).
+    """
+    settings = settings or Settings()
+    recorder = OutcomeRecorder(on_turn_end)
+    auth = Authenticator([key.get_secret_value() for key in settings.api_keys], settings.trusted_proxies)
+    metrics = Metrics()
+    metrics.watch(recorder)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        quiet_aborted_streams()
+        client = redis or make_redis(settings)
+        scripts = Scripts.register(client)
+        store = SessionStore(
+            client,
+            scripts,
+            ttl_seconds=settings.session_ttl_seconds,
+            max_messages=settings.history_max_messages,
+            lock_ttl=settings.lock_ttl_seconds,
+            on_error=metrics.redis_error,
+        )
+        upstream = Upstream(settings)
+        admission = Admission(client, scripts, settings, on_error=metrics.redis_error)
+        slots = (
+            GenerationSlots(settings.worker_max_streams, settings.worker_queue_seconds)
+            if settings.worker_max_streams
+            else None
+        )
+        chat = ChatService(settings, store, upstream, recorder, admission, slots)
+        state = AppState(settings, client, chat, auth, metrics)
+        app.state.current = state
+        drain = Drain(state, recorder, settings.drain_seconds)
+        if own_process:
+            drain.install()
+            settle_heap()
+        try:
+            yield {"app": state}
+        finally:
+            drain.uninstall()
+            await chat.renewer.aclose()
+            await upstream.aclose()
+            if redis is None:
+                await client.aclose(close_connection_pool=True)
+            metrics.close()
+
+    app = ChatAPI(
+        title="redis-chat-api",
+        version="0.1.0",
+        summary="Streams Claude's replies as plain text; conversations live in Redis.",
+        lifespan=lifespan,
+    )
+    app.state.recorder = recorder
+    app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(ChatError)
+    async def chat_error(request: Request, exc: ChatError) -> Response:
+        return json_error(exc, _rid(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return json_error(ValidationFailed("the request is malformed"), _rid(request))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
+        response = error_response(exc.status_code, type_, str(exc.detail), _rid(request))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        # A reply cut on purpose reaches here too (the server must see it to drop the connection);
+        # its turn has logged its own outcome, and it is no crash.
+        if not isinstance(exc, StreamAborted):
+            log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return json_error(ChatError("the server failed; try again"), _rid(request))
+
+    return app
+
+
+class ChatAPI(FastAPI):
+    """FastAPI, with the two chat routes served straight from here.
+
+    A turn is the one request a deployment serves hundreds of times a second, and FastAPI's routing,
+    dependency solving and middleware layers cost about as much as the rest of a turn together.
+    The routes stay declared (the OpenAPI schema and every other path go through FastAPI as usual);
+    a chat POST runs the same handler (`api.routes.serve_turn`) without the layers in between.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        if scope["type"] == "http" and scope["method"] == "POST" and "app" in scope.get("state", ()):
+            session_id = chat_path(scope["path"])
+            if session_id is not None:
+                rid = assign_request_id(scope)
+                token = REQUEST_ID.set(rid)
+                try:
+                    await serve_turn(scope, receive, send, rid, session_id or None)
+                finally:
+                    REQUEST_ID.reset(token)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def chat_path(path: str) -> str | None:
+    """ "" for the one-shot route, the session id for a session's route, None for anything else."""
+    if path == "/chat/stream":
+        return ""
+    if path.startswith("/chat/") and path.endswith("/stream"):
+        session_id = path[6:-7]
+        if session_id and "/" not in session_id:
+            return session_id
+    return None
+
+
+def assign_request_id(scope: Scope) -> str:
+    """The client's request id when it sent a sane one, else a new one; kept in the scope's state."""
+    rid = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            rid = candidate if _REQUEST_ID.fullmatch(candidate) else None
+            break
+    rid = rid or uuid.uuid4().hex
+    scope.setdefault("state", {})["request_id"] = rid
+    return rid
+
+
+def _rid(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's, when it sent a sane one) and echoes it on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = assign_request_id(scope)
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    message["headers"] = [*headers, header]
+            await send(message)
+
+        token = REQUEST_ID.set(rid)  # every log line written for this request carries its id
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+def settle_heap() -> None:
+    """Freeze what start-up allocated (the SDK, pydantic's schemas, FastAPI's routes: most of the
+    heap, and all of it long-lived) so that the collector stops walking it again and again on every
+    older-generation pass. It is about a tenth of a worker's CPU per stream under load."""
+    gc.collect()
+    gc.freeze()
