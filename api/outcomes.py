@@ -29,7 +29,7 @@ class TurnReport:
     status: int = 0
     error_type: str | None = None
     detail: str | None = None
-    upstream_error: str | None = None  # one of api.upstream.UPSTREAM_ERRORS when Claude failed
+    upstream_error: str | None = None  # one of api.upstream.client.UPSTREAM_ERRORS when Claude failed
     model: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0

@@ -139,7 +139,7 @@ class ChatAPI(FastAPI):
     A turn is the one request a deployment serves hundreds of times a second, and FastAPI's routing,
     dependency solving and middleware layers cost about as much as the rest of a turn together.
     The routes stay declared (the OpenAPI schema and every other path go through FastAPI as usual);
-    a chat POST runs the same handler (`api.routes.serve_turn`) without the layers in between.
+    a chat POST runs the same handler (`api.http.routes.serve_turn`) without the layers in between.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

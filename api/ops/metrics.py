@@ -6,7 +6,7 @@
 | `chat_streams_in_flight` | gauge | chat requests being served right now |
 | `chat_time_to_first_token_seconds` | histogram | request start to Claude's first text |
 | `chat_stream_duration_seconds` | histogram | request start to end, for replies that started |
-| `chat_upstream_errors_total` | counter | `type`: one of `api.upstream.UPSTREAM_ERRORS` |
+| `chat_upstream_errors_total` | counter | `type`: one of `api.upstream.client.UPSTREAM_ERRORS` |
 | `chat_tokens_total` | counter | `direction`: input, output (as Claude counted them, failed turns too) |
 | `chat_redis_errors_total` | counter | session reads and writes that failed: Redis unreachable or too slow |
 

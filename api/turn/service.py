@@ -51,7 +51,7 @@ class TurnRequest:
     tenant: str
     session_id: str | None
     body: ChatRequest | None  # taken by `ChatService.open_turn`
-    subject: str = ""  # whose limits apply; see `api.auth.Caller`
+    subject: str = ""  # whose limits apply; see `api.http.auth.Caller`
     quota: Quota | None = None  # the request limit as admission left it, for the response headers
 
 
