@@ -181,6 +181,7 @@ def socket_app(redis_url: str, standin: StandInModel) -> Iterator[LiveApp]:
         client.close()
 
 
+@pytest.mark.timeout(180)  # a few hundred connections: bounded, with room for a loaded machine
 @given(
     route=routes,
     session_id=session_ids,
