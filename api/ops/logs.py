@@ -3,7 +3,8 @@
 Either way a record is one line, whatever a client sent: the text format escapes every character
 that is not printable (a newline, a carriage return, NUL, U+2028...) in every value it prints, and
 quotes a field's value logfmt-style when it holds a space, '=' or '"', so no value can pass for a line
-or a field of its own. JSON escapes the same characters as JSON strings allow.
+or a field of its own. In JSON the encoder escapes control characters, and NEL, U+2028 and U+2029
+are escaped as well.
 """
 
 from __future__ import annotations
