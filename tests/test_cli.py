@@ -111,6 +111,31 @@ def test_dev_runs_with_nothing_but_the_package(tmp_path: Path, stop: int) -> Non
     assert f"{url}" in output and "curl" in output
 
 
+def test_dev_listens_where_chat_host_and_chat_port_say(tmp_path: Path) -> None:
+    """Without --host and --port, `chat-api dev` binds CHAT_HOST:CHAT_PORT, as `chat-api serve` does."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
+    env |= {"PYTHONPATH": str(ROOT), "CHAT_HOST": "127.0.0.1", "CHAT_PORT": str(port)}
+    log = tmp_path / "dev.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api", "dev"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 30, "chat-api dev")
+        reply = httpx.post(f"{url}/chat/stream", json={"message": "on my port"}, timeout=20)
+        assert reply.status_code == 200 and reply.text == "echo: on my port [turns=1]"
+    finally:
+        stop_process(proc, grace=10)
+    assert f"serving on {url}" in log.read_text()
+
+
 def _cwd(pid: Path) -> str:
     try:
         return os.readlink(pid / "cwd")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 
@@ -11,10 +12,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.ops.logs import REQUEST_ID, JsonFormatter
+from api.ops.logs import REQUEST_ID, JsonFormatter, TextFormatter
 from api.upstream.client import UPSTREAM_ERRORS
 from tests.conftest import LiveApp
 from tests.processes import free_port, wait_until
+from tests.rawhttp import RawConnection, request
 
 StartApp = Callable[..., LiveApp]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -125,3 +127,85 @@ def test_each_request_logs_one_json_line_with_its_outcome_and_figures(
     assert 0 < line["first_token_seconds"] <= line["duration_seconds"]
     assert line["duration_seconds"] == round(line["duration_seconds"], 4)
     assert "tenant" not in line  # derived from the API key: not for log files
+
+
+# --- one record, one line, whatever a client sent -------------------------------------------------------
+
+FORGED = "\n2026-01-01 00:00:00,000 INFO api.turns: turn success outcome=success"
+UNPRINTABLE = ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\t"]
+
+
+def turn_record(**turn: object) -> logging.LogRecord:
+    record = logging.LogRecord("api.turns", logging.INFO, __file__, 1, "turn %s", ("rejected",), None)
+    record.turn = turn
+    return record
+
+
+def test_the_text_format_escapes_what_is_not_printable_in_every_value() -> None:
+    formatter = TextFormatter()
+    for char in UNPRINTABLE:
+        record = logging.LogRecord(
+            "api", logging.ERROR, __file__, 1, "in POST %s", (f"/chat/a{char}b",), None
+        )
+        text = formatter.format(record)
+        assert text.splitlines() == [text] and text.isprintable(), repr(text)
+        assert text.endswith(f"in POST /chat/a{repr(char)[1:-1]}b")
+        text = formatter.format(turn_record(request_id=f"r{char}1", detail=f"bad{char}{FORGED}"))
+        assert text.splitlines() == [text] and text.isprintable(), repr(text)
+
+
+def test_a_text_field_cannot_pass_for_another_field() -> None:
+    text = TextFormatter().format(turn_record(detail='unknown model "x" outcome=success', status=400))
+    assert text.endswith(r' detail="unknown model \"x\" outcome=success" status=400'), text
+    assert TextFormatter().format(turn_record(detail="a\\b")).endswith(r' detail="a\\b"')
+
+
+def test_a_traceback_in_the_text_format_cannot_start_a_line_of_its_own() -> None:
+    try:
+        raise ValueError(f"bad id{FORGED}")
+    except ValueError:
+        record = logging.LogRecord("api", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    first, *rest = TextFormatter().format(record).split("\n")
+    assert first.endswith("api: failed") and len(rest) > 2
+    assert all(line.startswith("  ") for line in rest), rest
+    assert any("turn success outcome=success" in line for line in rest)
+
+
+def test_a_json_line_holds_any_value_on_one_line() -> None:
+    for char in UNPRINTABLE:
+        value = f"/chat/a{char}b{FORGED}"
+        record = logging.LogRecord("api", logging.ERROR, __file__, 1, "in POST %s", (value,), None)
+        record.turn = {"session_id": value}
+        line = JsonFormatter().format(record)
+        # str.splitlines() breaks at every line boundary Unicode knows (U+2028, NEL...), not only \n.
+        assert line.splitlines() == [line], repr(line)
+        parsed = orjson.loads(line)
+        assert parsed["message"] == f"in POST {value}" and parsed["session_id"] == value
+
+
+def test_what_a_client_sends_never_breaks_a_log_line(
+    live_app: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = live_app()
+    with caplog.at_level(logging.DEBUG):
+        for target, rid in [
+            (b"/chat/a%0A2026-01-01%20INFO%20forged/stream", b"fine"),
+            (b"/chat/ok/stream", b"x\ty\xe2\x80\xa8z"),
+            (b"/chat/%0D%0A/messages", b"r"),
+        ]:
+            with RawConnection(app.url) as conn:
+                method = "GET" if target.endswith(b"messages") else "POST"
+                raw = request(
+                    method,
+                    target,
+                    {"x-request-id": rid, "content-type": b"application/json"},
+                    b'{"message":"hi"}' if method == "POST" else b"",
+                )
+                assert conn.request(raw).status in (200, 400)
+        app.wait_reports(2)
+    assert len(caplog.records) >= 2
+    for record in caplog.records:
+        text, line = TextFormatter().format(record), JsonFormatter().format(record)
+        assert text.splitlines() == [text] and text.isprintable(), repr(text)
+        assert line.splitlines() == [line], repr(line)
+        assert "forged" not in text and "forged" not in line

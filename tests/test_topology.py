@@ -34,6 +34,7 @@ from tests.processes import (
     nginx_binary,
     wait_until,
 )
+from tests.rawhttp import RawConnection, request
 
 pytestmark = pytest.mark.slow
 
@@ -218,6 +219,31 @@ def test_request_ids_pass_through_nginx_and_every_log_line_is_json(whole: Topolo
     wait_until(
         lambda: '"request_id":"trace-deploy-42"' in whole.nginx.log_text(), 5, "nginx's access log line"
     )
+
+
+@pytest.mark.parametrize("refused", ["two words", "r" * 129, "caf\u00e9", "a/b"])
+def test_a_request_id_the_workers_would_refuse_is_replaced_by_nginx_s(whole: Topology, refused: str) -> None:
+    """nginx passes on only an id the workers accept; any other is replaced by nginx's own, so its
+    access log, the worker's log and the response all name the request alike."""
+    response = whole.lb.get("/healthz", headers={"X-Request-Id": refused.encode()})
+    assert response.status_code == 200
+    rid = response.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", rid), rid
+    wait_until(lambda: f'"request_id":"{rid}"' in whole.nginx.log_text(), 5, "nginx's access log line")
+    assert refused not in whole.nginx.log_text()
+
+
+def test_behind_nginx_a_path_outside_ascii_is_400_and_the_client_keeps_its_connection(
+    whole: Topology,
+) -> None:
+    """A worker's parser refuses raw non-ASCII in the request line and closes its side; nginx passes
+    the answer on and keeps the client's own connection."""
+    with RawConnection(whole.nginx.url) as conn:
+        body = b'{"message": "hi"}'
+        headers = {"content-type": b"application/json"}
+        refused = conn.request(request("POST", "/chat/café/stream".encode(), headers, body))
+        assert refused.status == 400 and refused.error()["type"] == "invalid_request"
+        assert conn.request(request("GET", b"/healthz")).status == 200
 
 
 def test_nginx_answers_for_itself_in_the_api_error_shape(whole: Topology) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from api.errors import AuthenticationFailed
 
@@ -95,6 +95,11 @@ def _normal(text: str | None) -> str | None:
     if not text:
         return None
     try:
-        return str(ip_address(text))
+        address = ip_address(text)
     except ValueError:
         return None
+    if isinstance(address, IPv6Address) and address.scope_id is not None:
+        # A zone ("fe80::1%eth0") names an interface of whoever wrote it, and may be any text at all:
+        # it would reach the Redis keys of the caller's limits.
+        address = IPv6Address(int(address))
+    return str(address)

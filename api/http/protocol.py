@@ -13,6 +13,9 @@ relay, a task woken for every delta of every stream. The scope's `CLIENT_WRITER`
 `ClientWriter`, which writes a started response's chunks to the transport from any callback, and
 tells its user when the client stops (and starts again) taking what is written.
 
+A request the parser itself refuses never reaches the app; it is answered here, in the API's error
+shape rather than uvicorn's plain text.
+
 Apps that find neither mark (another server, an in-process test client) wait in `receive()` and
 `send()` as usual, which still works the same.
 """
@@ -21,12 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 from collections.abc import Callable, MutableMapping
 from typing import Any, Literal
 
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from api.errors import error_body
 
 # The scope key: None until the app registers its callback, CLIENT_GONE once the client left before it
 # did; absent under any other server.
@@ -142,7 +148,28 @@ class _ClientConnection:
         self.answering: RequestResponseCycle | None = None
 
 
+_MALFORMED = error_body(
+    "invalid_request",
+    "the request is not valid HTTP/1.1 (a control character in a header, or a byte outside ASCII "
+    "in the request line); the connection is closed",
+)
+
+
 class ChatHttpProtocol(HttpToolsProtocol):
+    def send_400_response(self, msg: str) -> None:
+        """What the parser refuses (a request that breaks HTTP/1.1's grammar: CR, NUL or another
+        control character in a header, raw non-ASCII in the request line, a bad Content-Length...) is
+        answered in the API's error shape, with a request id like every response, and then closed:
+        the parser stops at the first such byte, so where the next request begins is unknown."""
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head.extend(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)
+        head.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\nx-request-id: %s\r\n"
+            b"connection: close\r\n\r\n" % (len(_MALFORMED), uuid.uuid4().hex.encode())
+        )
+        self.transport.write(b"".join(head) + _MALFORMED)
+        self.transport.close()
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = WatchedFlow(transport)

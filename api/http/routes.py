@@ -30,7 +30,7 @@ from api.http.streaming import TurnResponse
 from api.ops.metrics import CONTENT_TYPE
 from api.outcomes import Outcome, TurnReport
 from api.turn.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
-from api.turn.service import SESSION_ID, ChatService, TurnRequest
+from api.turn.service import SESSION_ID, ChatService, TurnRequest, check_session_id
 
 log = logging.getLogger("api")
 
@@ -243,7 +243,8 @@ def key_of(request: Request) -> str | None:
 async def _turn(
     request: Request, chat: ChatService, key: str | None, rid: str, session_id: str | None
 ) -> Response:
-    report = TurnReport(request_id=rid, session_id=session_id)
+    # The turn's log line names its session only once the id has passed the check.
+    report = TurnReport(request_id=rid)
     chat.start(report)
     who: Caller | None = None
     try:
@@ -251,6 +252,8 @@ async def _turn(
             raise Unavailable("this worker is shutting down; retry and another will serve you", retry_after=1)
         who = identify(request, key)
         report.tenant = who.tenant
+        if session_id is not None:
+            report.session_id = check_session_id(session_id)
         body = await read_chat_body(request, chat.settings.max_body_bytes)
     except ChatError as exc:
         report.outcome, report.status, report.error_type, report.detail = (
@@ -281,7 +284,7 @@ async def _turn(
 
 async def read_chat_body(request: Request, limit: int) -> ChatRequest:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"the body is over {limit} bytes")
     size = 0
     parts: list[bytes] = []

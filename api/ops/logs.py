@@ -1,8 +1,16 @@
-"""Log set-up: plain text for people, one JSON object per line for collectors."""
+"""Log set-up: plain text for people, one JSON object per line for collectors.
+
+Either way a record is one line, whatever a client sent: the text format escapes every character
+that is not printable (a newline, a carriage return, NUL, U+2028...) in every value it prints, and
+quotes a field's value logfmt-style when it holds a space, '=' or '"', so no value can pass for a line
+or a field of its own. In JSON the encoder escapes control characters, and NEL, U+2028 and U+2029
+are escaped as well.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -31,7 +39,40 @@ class JsonFormatter(logging.Formatter):
             line["request_id"] = request_id
         if record.exc_info:
             line["exc_info"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        text = orjson.dumps(line, default=str).decode()
+        # JSON lets these stand unescaped in a string, and splitlines() and some collectors end a
+        # line at each of them.
+        if not text.isascii():
+            text = text.translate(_JSON_LINE_BREAKS)
+        return text
+
+
+_JSON_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable written as its escape (`\\n`, `\\x00`, `\\u2028`)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def field_value(value: object) -> str:
+    """A `key=value` field's value: bare when that is unambiguous, else in quotes with `"` and `\\`
+    escaped too."""
+    text = str(value)
+    if text and text.isprintable() and not _QUOTED.search(text):
+        return text
+    return '"' + "".join(c if c.isprintable() and c not in '"\\' else _escape(c) for c in text) + '"'
+
+
+_QUOTED = re.compile(r'[ ="\\]')
+
+
+def _escape(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    return repr(c)[1:-1]  # repr spells out exactly the characters that are not printable
 
 
 class TextFormatter(logging.Formatter):
@@ -39,12 +80,25 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        record.message = printable(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
         turn = getattr(record, "turn", None)
         if isinstance(turn, dict):
-            text += " " + " ".join(f"{key}={value}" for key, value in turn.items() if value not in (None, ""))
+            text += "".join(
+                f" {key}={field_value(value)}" for key, value in turn.items() if value not in (None, "")
+            )
         elif (request_id := REQUEST_ID.get()) is not None:
-            text += f" request_id={request_id}"
+            text += f" request_id={field_value(request_id)}"
+        # A traceback keeps its lines, each indented: only a record's own line starts at column 0.
+        if record.exc_info:
+            text += "".join(
+                f"\n  {printable(line)}" for line in self.formatException(record.exc_info).split("\n")
+            )
+        if record.stack_info:
+            text += "".join(
+                f"\n  {printable(line)}" for line in self.formatStack(record.stack_info).split("\n")
+            )
         return text
 
 

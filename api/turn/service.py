@@ -46,6 +46,14 @@ log = logging.getLogger("api.turn.service")
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+def check_session_id(session_id: str) -> str:
+    """The id as given, or `InvalidRequest`. Nothing else is ever done with an id that fails this:
+    it reaches no response header, log line or Redis key."""
+    if not SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest("session_id must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return session_id
+
+
 @dataclass(slots=True)
 class TurnRequest:
     tenant: str
@@ -255,9 +263,7 @@ class ChatService:
         self.renewer = renewer or Renewer(store.redis, settings.lock_ttl_seconds / 3, store.on_error)
 
     def keys(self, tenant: str, session_id: str) -> SessionKeys:
-        if not SESSION_ID.fullmatch(session_id):
-            raise InvalidRequest("session_id must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
-        return session_keys(self.settings.redis_prefix, tenant, session_id)
+        return session_keys(self.settings.redis_prefix, tenant, check_session_id(session_id))
 
     # Sessions.
 
