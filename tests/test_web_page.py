@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
+from api.config import Settings
 from tests.conftest import LiveApp
-from tests.processes import Worker
+from tests.processes import ROOT, Worker
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "web-page-key-0123456789"
@@ -244,3 +246,9 @@ def test_the_page_is_served_only_when_asked_for(live_app: Callable[..., LiveApp]
     missing = on.get("/web/secrets.txt")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
     assert "/" not in on.get("/openapi.json").json()["paths"]
+
+
+def test_compose_serves_the_page_unless_told_not_to() -> None:
+    environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]["environment"]
+    assert environment["CHAT_WEB_UI"] == "${CHAT_WEB_UI:-true}"
+    assert Settings.model_fields["web_ui"].default is False, "off unless asked for, outside dev and compose"
