@@ -1,4 +1,4 @@
-"""`chat-api serve` (production) and `chat-api dev` (everything on one machine)."""
+"""`chat-api serve` (production), `chat-api dev` (everything on one machine) and `chat-api chat` (a terminal client)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,19 @@ def main(argv: list[str] | None = None) -> None:
     dev.add_argument("--host", help="address to bind (CHAT_HOST, default 127.0.0.1)")
     dev.add_argument("--port", type=int, help="port (CHAT_PORT, default 8000)")
 
+    chat = commands.add_parser("chat", help="chat with a running server from the terminal")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    chat.add_argument("--session", help="continue this conversation (default: a new one)")
+    chat.add_argument("--key", help="an API key, when the server has keys (or CHAT_CLIENT_KEY)")
+
     args = parser.parse_args(argv)
+    if args.command == "chat":
+        # Imported here: the client needs none of the server's settings, and the server none of it.
+        from api.client.terminal import run
+
+        raise SystemExit(
+            run(args.url.rstrip("/"), args.session, args.key or os.environ.get("CHAT_CLIENT_KEY"))
+        )
     if args.command == "serve":
         # Flags become environment so that every worker process reads the same settings.
         for flag, name in (("host", "CHAT_HOST"), ("port", "CHAT_PORT"), ("workers", "CHAT_WORKERS")):

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # The chat page at `/` (api/web/): on under `chat-api dev` and compose, off in production unless asked.
+    web_ui: bool = False
 
     @field_validator("allowed_models", "api_keys", "trusted_proxies", mode="before")
     @classmethod

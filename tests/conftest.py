@@ -19,7 +19,7 @@ from api.dev.standin import StandInModel, StandInThread
 from api.http.protocol import ChatHttpProtocol
 from api.main import create_app
 from api.outcomes import TurnReport
-from tests.processes import RedisServer, ThreadServer
+from tests.processes import RedisServer, ThreadServer, Worker
 
 
 @pytest.fixture
@@ -188,3 +188,33 @@ def tmp_logs(tmp_path: Path) -> Path:
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="module")
+def chat_server(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, standin: StandInModel
+) -> Iterator[Callable[..., Worker]]:
+    """A factory: `chat_server(CHAT_X="...")` starts a `chat-api serve` process on the stand-in model,
+    with keys of its own in the suite's Redis; every one is stopped when the module ends."""
+    started: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        root = tmp_path_factory.mktemp("server")
+        base = {
+            "REDIS_URL": redis_url,
+            "ANTHROPIC_API_KEY": "test-key",
+            "ANTHROPIC_BASE_URL": standin.url,
+            "CHAT_REDIS_PREFIX": "t" + uuid.uuid4().hex[:12],
+            "CHAT_UPSTREAM_TIMEOUT_SECONDS": "10",
+            "CHAT_LOCK_TTL_SECONDS": "5",
+        }
+        worker = Worker({**base, **env}, root / "worker.log")
+        started.append(worker)
+        worker.start(timeout=60)  # generous: the machine may be busy with other processes
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()

@@ -101,6 +101,8 @@ def test_dev_runs_with_nothing_but_the_package(tmp_path: Path, stop: int) -> Non
         assert first.text == "echo: Hello there [turns=1]"
         second = httpx.post(f"{url}/chat/demo/stream", json={"message": "again"}, timeout=20)
         assert second.text == "echo: again [turns=2]"
+        page = httpx.get(f"{url}/", timeout=10)  # the chat page is on under `chat-api dev`
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert (tmp_path / ".chat-api").is_dir()
     finally:
         stop_process(proc, grace=10, sig=stop)

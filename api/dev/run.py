@@ -49,6 +49,8 @@ def run_dev(host: str | None = None, port: int | None = None) -> None:
         DATA_DIR.mkdir(exist_ok=True)
         embedded = EmbeddedRedis(str(DATA_DIR / "redis.db"))
         overrides["redis_url"] = f"unix://{embedded.socket_file}"
+    if not configured("CHAT_WEB_UI"):
+        overrides["web_ui"] = True
     use_standin = not configured("ANTHROPIC_API_KEY")
     if use_standin:
         overrides["anthropic_api_key"] = "local-stand-in"
@@ -89,8 +91,9 @@ async def _serve(overrides: dict[str, Any], use_standin: bool) -> None:
     options["timeout_graceful_shutdown"] = 2
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))  # type: ignore[arg-type]
     base = f"http://{settings.host}:{settings.port}"
+    page = f"  Chat page: {base}/\n" if settings.web_ui else ""
     print(
-        f"\nchat-api dev: serving on {base}\n"
+        f"\nchat-api dev: serving on {base}\n{page}"
         f"  Redis: {'embedded, data in ./.chat-api/' if 'redis_url' in overrides else settings.redis_url}\n"
         f"  Model: {'local stand-in (echoes your message)' if standin else settings.model}\n\n"
         f"Try:\n  curl -N {base}/chat/demo/stream -H 'content-type: application/json' "

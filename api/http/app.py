@@ -22,6 +22,7 @@ from api.http.auth import Authenticator
 from api.http.routes import error_response, json_error, router, serve_turn
 from api.http.state import AppState
 from api.http.streaming import RAW_SEND
+from api.http.web import web_router
 from api.ops.drain import Drain
 from api.ops.logs import REQUEST_ID, quiet_aborted_streams
 from api.ops.metrics import Metrics
@@ -104,6 +105,8 @@ def create_app(
     )
     app.state.recorder = recorder
     app.include_router(router)
+    if settings.web_ui:
+        app.include_router(web_router())
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ChatError)
