@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CONFIGURATION = ROOT / "docs" / "configuration.md"
 DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
-# Named in the docs, read by docker-compose.yml rather than by the service.
-COMPOSE_ONLY = {"CHAT_PUBLIC_PORT"}
+# Named in the docs, read by docker-compose.yml or the terminal client rather than by the service.
+COMPOSE_ONLY = {"CHAT_PUBLIC_PORT", "CHAT_CLIENT_KEY"}
 
 FENCE = re.compile(r"^```.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]+`")
