@@ -230,8 +230,7 @@ class SentinelSet:
     def settled(self) -> bool:
         for sentinel in self.sentinels:
             with sentinel.client(decode_responses=True) as client:
-                state = client.execute_command("SENTINEL", "MASTER", self.service)
-                info = dict(zip(state[::2], state[1::2], strict=True))
+                info = client.sentinel_master(self.service)
                 if int(info["num-other-sentinels"]) != 2 or int(info["num-slaves"]) != 2:
                     return False
         with self.master().client(decode_responses=True) as client:
@@ -242,7 +241,7 @@ class SentinelSet:
             if sentinel.proc is None:
                 continue
             with sentinel.client(decode_responses=True) as client:
-                host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                host, port = client.sentinel_get_master_addr_by_name(self.service)
                 return f"{host}:{port}"
         raise LookupError("no sentinel answers")
 
