@@ -119,8 +119,9 @@ class Cluster:
 
     NODE_TIMEOUT_MS = 1000
 
-    def __init__(self, work_dir: Path, size: int = 6) -> None:
+    def __init__(self, work_dir: Path, size: int = 6, replicas: int = 1) -> None:
         server, self.cli = require_redis_tools()
+        self.replicas = replicas
         options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                    "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--appendonly", "no"]  # fmt: skip
         self.nodes = [Node(server, work_dir / f"node{n}", options, port=cluster_port()) for n in range(size)]
@@ -146,7 +147,7 @@ class Cluster:
             node.wait_ready()
         subprocess.run(
             [self.cli, "--cluster", "create", *(node.address for node in self.nodes),
-             "--cluster-replicas", "1", "--cluster-yes"],
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         wait_until(self.healthy, 30, "the cluster to cover every slot on every node")
