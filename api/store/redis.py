@@ -153,8 +153,6 @@ def _sentinel(settings: Settings) -> Client:
         connection_pool_class=SentinelBlockingPool,
         **options,
         **pool_options,
-        # A connection to a master that lost its role is dropped and the master asked for again.
-        check_connection=False,
     )
     assert isinstance(client, TimedRedis)
     client.call_timeout = settings.redis_timeout_seconds

@@ -297,7 +297,8 @@ def cluster_round_trips(load: Load, target: Target, meters: list[Any], *, turns:
     load.run(target, shape, clients=2, rounds=3, ramp=0.0, timeout=30)
     for meter in meters:
         meter.reset()
-    run = load.run(target, shape, clients=1, rounds=turns, ramp=0.0, timeout=30)
+    # A session per client, one turn each: the sessions' slots spread over the nodes as a deployment's do.
+    run = load.run(target, shape, clients=turns, rounds=1, ramp=0.0, timeout=30)
     counts = [meter.snapshot() for meter in meters]
     committed = len(run.ok)
     return {
