@@ -294,7 +294,8 @@ def cluster_round_trips(load: Load, target: Target, meters: list[Any], *, turns:
     """Round trips per committed turn on a cluster, summed over its nodes (those to different nodes
     go at once), and on how many nodes a turn's round trips landed."""
     shape = Shape(deltas=5, delay=0.0)
-    load.run(target, shape, clients=2, rounds=3, ramp=0.0, timeout=30)
+    # As many clients as below, so that every connection the measured turns use is already made.
+    load.run(target, shape, clients=turns, rounds=2, ramp=0.0, timeout=30)
     for meter in meters:
         meter.reset()
     # A session per client, one turn each: the sessions' slots spread over the nodes as a deployment's do.
@@ -308,6 +309,10 @@ def cluster_round_trips(load: Load, target: Target, meters: list[Any], *, turns:
         "round_trips": sum(c["round_trips"] for c in counts) / committed,
         "commands": sum(c["commands"] for c in counts) / committed,
         "round_trips_by_node": [c["round_trips"] / committed for c in counts],
+        "by_name": {
+            name: sum(c["by_name"].get(name, 0) for c in counts) / committed
+            for name in sorted({name for c in counts for name in c["by_name"]})
+        },
     }
 
 
