@@ -10,6 +10,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from redis.asyncio.connection import parse_url
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
 
@@ -58,6 +59,14 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("chat", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_timeout_seconds: float = Field(5.0, gt=0)
     redis_max_connections: int = Field(200, ge=1)
+    # Topology: one Redis, a master found through Sentinel, or a Redis Cluster (docs/redis-topologies.md).
+    redis_mode: Literal["single", "sentinel", "cluster"] = "single"
+    redis_sentinels: CommaList = Field(default_factory=list)
+    redis_sentinel_master: str = ""
+    redis_sentinel_password: SecretStr | None = None
+    redis_cluster_nodes: CommaList = Field(default_factory=list)
+    # Replicas that must hold a commit before the reply ends (WAIT); 0 trusts asynchronous replication.
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
 
     # Upstream.
     upstream_max_retries: int = Field(2, ge=0, le=10)
@@ -85,7 +94,14 @@ class Settings(BaseSettings):
     # The chat page at `/` (api/web/): on under `chat-api dev` and compose, off in production unless asked.
     web_ui: bool = False
 
-    @field_validator("allowed_models", "api_keys", "trusted_proxies", mode="before")
+    @field_validator(
+        "allowed_models",
+        "api_keys",
+        "trusted_proxies",
+        "redis_sentinels",
+        "redis_cluster_nodes",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -124,6 +140,13 @@ class Settings(BaseSettings):
             raise ValueError(f"needs a host, e.g. {parts.scheme}://127.0.0.1:6379/0")
         return url
 
+    @field_validator("redis_sentinels", "redis_cluster_nodes")
+    @classmethod
+    def _check_nodes(cls, nodes: list[str]) -> list[str]:
+        for node in nodes:
+            host_port(node)
+        return nodes
+
     @field_validator("anthropic_base_url")
     @classmethod
     def _check_base_url(cls, url: str | None) -> str | None:
@@ -153,11 +176,35 @@ class Settings(BaseSettings):
             raise ValueError(f"CHAT_MODEL {self.model!r} is not in CHAT_ALLOWED_MODELS")
         if self.max_tokens > self.max_tokens_limit:
             raise ValueError("CHAT_MAX_TOKENS is above CHAT_MAX_TOKENS_LIMIT")
+        self._check_topology()
         if self.anthropic_api_key is None or not self.anthropic_api_key.get_secret_value().strip():
             raise ValueError(
                 "ANTHROPIC_API_KEY is required (or run `chat-api dev` to use the local stand-in model)"
             )
         return self
+
+    def _check_topology(self) -> None:
+        scheme = urlsplit(self.redis_url).scheme
+        if self.redis_mode == "sentinel":
+            if not self.redis_sentinels:
+                raise ValueError(
+                    "CHAT_REDIS_SENTINELS is required with CHAT_REDIS_MODE=sentinel (host:port,...)"
+                )
+            if not self.redis_sentinel_master:
+                raise ValueError("CHAT_REDIS_SENTINEL_MASTER (the service name) is required with sentinel")
+            if scheme == "unix":
+                raise ValueError("REDIS_URL must be redis:// or rediss:// with CHAT_REDIS_MODE=sentinel")
+        elif self.redis_sentinels or self.redis_sentinel_master:
+            raise ValueError(
+                "CHAT_REDIS_SENTINELS and CHAT_REDIS_SENTINEL_MASTER need CHAT_REDIS_MODE=sentinel"
+            )
+        if self.redis_mode == "cluster":
+            if scheme == "unix":
+                raise ValueError("REDIS_URL must name a cluster node (redis:// or rediss://) in cluster mode")
+            if parse_url(self.redis_url).get("db", 0) != 0:
+                raise ValueError("a Redis Cluster has only database 0: drop the /db from REDIS_URL")
+        elif self.redis_cluster_nodes:
+            raise ValueError("CHAT_REDIS_CLUSTER_NODES needs CHAT_REDIS_MODE=cluster")
 
     @property
     def api_key(self) -> str:
@@ -178,6 +225,19 @@ def _split_url(url: str, schemes: tuple[str, ...], expected: str) -> SplitResult
     except ValueError:
         raise ValueError("the port must be a number from 0 to 65535") from None
     return parts
+
+
+def host_port(node: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) as a pair; a message that says what is wrong otherwise."""
+    try:
+        parts = urlsplit(f"//{node}")
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = None
+    if parts is None or not parts.hostname or port is None or parts.path or parts.username:
+        raise ValueError(f"{node!r} is not host:port, e.g. 10.0.0.5:26379")
+    return parts.hostname, port
 
 
 def describe_error(error: ValidationError) -> str:

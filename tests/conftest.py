@@ -20,6 +20,7 @@ from api.http.protocol import ChatHttpProtocol
 from api.main import create_app
 from api.outcomes import TurnReport
 from tests.processes import RedisServer, ThreadServer, Worker
+from tests.topologies import Cluster, store_client, suite_mode
 
 
 @pytest.fixture
@@ -40,7 +41,17 @@ def _reachable(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """REDIS_URL when it answers; otherwise a redis-server of the suite's own."""
+    """REDIS_URL when it answers; otherwise a redis-server of the suite's own. With
+    CHAT_REDIS_MODE=cluster in the environment (which the workers and the settings read too), a
+    Redis Cluster of the suite's own: 3 primaries and 3 replicas, REDIS_URL its first node."""
+    if suite_mode() == "cluster":
+        cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+        cluster.start()
+        try:
+            yield cluster.url
+        finally:
+            cluster.stop()
+        return
     url = os.environ.get("REDIS_URL")
     if url and _reachable(url):
         yield url
@@ -58,18 +69,17 @@ def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of the test's own, so tests share a Redis without seeing each other's keys."""
     name = "t" + uuid.uuid4().hex[:12]
     yield name
-    client = redis.Redis.from_url(redis_url)
+    client = store_client(redis_url)
     try:
-        keys = list(client.scan_iter(f"{name}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        for key in list(client.scan_iter(f"{name}:*", count=1000)):
+            client.delete(key)
     finally:
         client.close()
 
 
 @pytest.fixture
 def rdb(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = store_client(redis_url, decode_responses=True)
     yield client
     client.close()
 

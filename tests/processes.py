@@ -121,7 +121,8 @@ class Worker:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20) -> None:
+    # Importing the app takes a second or two alone, and many times that on a loaded machine.
+    def start(self, timeout: float = 60) -> None:
         self.launch()
         self.wait_ready(timeout)
 
@@ -138,7 +139,7 @@ class Worker:
         )
         log.close()
 
-    def wait_ready(self, timeout: float = 20) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:

@@ -21,6 +21,7 @@ from api.dev.standin import StandInModel
 from api.http.auth import tenant_of
 from api.store.keys import tenant_key
 from tests.processes import Worker, wait_until
+from tests.topologies import store_client
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +54,10 @@ def started(count: int, env: dict[str, str], log_dir: Path) -> Iterator[list[Wor
 def own_prefix(redis_url: str) -> Iterator[str]:
     name = "t" + uuid.uuid4().hex[:12]
     yield name
-    client = sync_redis.Redis.from_url(redis_url)
+    client = store_client(redis_url)
     try:
-        keys = list(client.scan_iter(f"{name}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        for key in list(client.scan_iter(f"{name}:*", count=1000)):
+            client.delete(key)
     finally:
         client.close()
 

@@ -43,6 +43,13 @@ def test_a_quick_bench_run_measures_every_target_and_writes_its_report(tmp_path:
     assert results["redis"]["turns"] > 0
     assert results["redis"]["round_trips"] >= 1
     assert "EVALSHA" in results["redis"]["by_name"]
+    # What a turn costs Redis itself, and on a cluster how many round trips it takes.
+    assert results["redis"]["usec_per_turn"] > 0 and results["redis"]["turns_per_core"] > 0
+    assert results["redis"]["process_cpu_usec_per_turn"] >= 0
+    cluster = results["redis_cluster"]
+    assert cluster["turns"] > 0 and cluster["errors"] == 0
+    assert cluster["round_trips"] >= results["redis"]["round_trips"]
+    assert all(trips > 0 for trips in cluster["round_trips_by_node"])  # sessions landed on every node
     # Where each side ran, and how busy the load side was where the figures come from.
     notes = results["notes"]
     assert any(note.startswith("Pinning: ") for note in notes), notes

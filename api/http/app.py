@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,7 +28,7 @@ from api.ops.metrics import Metrics
 from api.outcomes import OutcomeRecorder, TurnHook
 from api.store.admission import Admission
 from api.store.history import SessionStore
-from api.store.redis import make_redis
+from api.store.redis import Client, close, make_redis, prepare
 from api.store.scripts import Scripts
 from api.turn.service import ChatService
 from api.turn.slots import GenerationSlots
@@ -45,7 +44,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     on_turn_end: TurnHook | None = None,
-    redis: Redis | None = None,
+    redis: Client | None = None,
     own_process: bool = False,
 ) -> FastAPI:
     """Build the app. `redis` lets a test hand in its own client (which it then closes itself).
@@ -64,6 +63,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         quiet_aborted_streams()
         client = redis or make_redis(settings)
+        if redis is None:
+            await prepare(client, Scripts.sources(), settings.redis_timeout_seconds)
         scripts = Scripts.register(client)
         store = SessionStore(
             client,
@@ -72,6 +73,8 @@ def create_app(
             max_messages=settings.history_max_messages,
             lock_ttl=settings.lock_ttl_seconds,
             on_error=metrics.redis_error,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout=settings.redis_timeout_seconds,
         )
         upstream = Upstream(settings)
         admission = Admission(client, scripts, settings, on_error=metrics.redis_error)
@@ -94,7 +97,7 @@ def create_app(
             await chat.renewer.aclose()
             await upstream.aclose()
             if redis is None:
-                await client.aclose(close_connection_pool=True)
+                await close(client)
             metrics.close()
 
     app = ChatAPI(

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from api.config import Settings
 from api.http.auth import Authenticator
 from api.ops.metrics import Metrics
+from api.store.redis import Client
 from api.turn.service import ChatService
 
 
 @dataclass(slots=True)
 class AppState:
     settings: Settings
-    redis: Redis
+    redis: Client
     chat: ChatService
     auth: Authenticator
     metrics: Metrics

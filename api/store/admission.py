@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from api.config import Settings
 from api.errors import StoreUnavailable
 from api.store.keys import tenant_key
+from api.store.redis import Client
 from api.store.scripts import ScriptCall, Scripts, give_back
 
 WINDOW_MS = 60_000
@@ -69,7 +69,7 @@ class Decision:
 class Admission:
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         scripts: Scripts,
         settings: Settings,
         on_error: Callable[[], None] | None = None,

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -22,7 +21,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.errors import StoreUnavailable
 from api.store.keys import SessionKeys
 from api.store.locks import SessionLock
-from api.store.scripts import ScriptCall, Scripts, give_back, run_together
+from api.store.redis import Client
+from api.store.scripts import Confirm, ScriptCall, Scripts, give_back, run_together
 
 COMMIT_RETRY_DELAYS = (0.05, 0.25)  # then one last try
 
@@ -41,6 +41,15 @@ class CommitRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class CommitUnconfirmed(Exception):
+    """The turn was written on the primary, but not enough replicas confirmed it in time: a failover
+    now could lose it. `results` are those of the calls sent with it, as a commit returns them."""
+
+    def __init__(self, replicas: int, results: list[Any]) -> None:
+        super().__init__(f"the commit was not confirmed by {replicas} replicas in time")
+        self.results = results
 
 
 @asynccontextmanager
@@ -72,15 +81,19 @@ def stored_message(message_id: str, role: str, content: str, created_ms: int, to
 class SessionStore:
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         scripts: Scripts,
         *,
         ttl_seconds: int,
         max_messages: int,
         lock_ttl: float,
         on_error: Callable[[], None] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 5.0,
     ) -> None:
         self.redis = redis
+        # Each commit waits for this many replicas to hold it, so that a failover cannot lose it.
+        self.confirm = Confirm(wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas else None
         self.on_error = on_error  # told of every Redis failure, e.g. to count it
         self.scripts = scripts
         self.ttl_ms = ttl_seconds * 1000
@@ -119,7 +132,8 @@ class SessionStore:
         """Append the turn and release the lock, or raise `CommitRefused` and write nothing.
 
         `also` runs in the same round trip, whatever the commit's fate; their results (a script's
-        error in its place) are returned when the commit succeeds.
+        error in its place) are returned when the commit succeeds. With replicas to wait for, a
+        commit they did not confirm in time raises `CommitUnconfirmed`.
         """
         args: list[str | bytes | int] = [
             snapshot.lock.token,
@@ -137,6 +151,11 @@ class SessionStore:
                 raise results[0]
         if results[0] == 1:
             snapshot.lock.held = False
+            if self.confirm is None:
+                return results[1:]
+            acks = results.pop()
+            if isinstance(acks, Exception) or int(acks) < self.confirm.replicas:
+                raise CommitUnconfirmed(self.confirm.replicas, results[1:])
             return results[1:]
         raise CommitRefused(
             "the session's lock was lost" if results[0] == 0 else "the history changed meanwhile"
@@ -148,12 +167,12 @@ class SessionStore:
         reply failed (its retry would then store the turn twice)."""
         for delay in COMMIT_RETRY_DELAYS:
             try:
-                return await run_together(self.redis, calls)
+                return await run_together(self.redis, calls, self.confirm)
             except (RedisConnectionError, RedisTimeoutError):
                 if self.on_error is not None:
                     self.on_error()
                 await asyncio.sleep(delay)
-        return await run_together(self.redis, calls)
+        return await run_together(self.redis, calls, self.confirm)
 
     async def create(self, keys: SessionKeys) -> bool:
         async with redis_errors(self.on_error):

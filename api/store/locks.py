@@ -12,15 +12,14 @@ With the token, A's release and renewal find someone else's token and do nothing
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-
+from api.store.redis import Client
 from api.store.scripts import ScriptCall, Scripts
 
 
 class SessionLock:
     __slots__ = ("held", "key", "redis", "scripts", "token", "ttl_ms")
 
-    def __init__(self, redis: Redis, scripts: Scripts, key: str, token: str, ttl_ms: int) -> None:
+    def __init__(self, redis: Client, scripts: Scripts, key: str, token: str, ttl_ms: int) -> None:
         self.redis = redis
         self.scripts = scripts
         self.key = key

@@ -14,8 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from redis.asyncio import Redis
-
+from api.store.redis import Client
 from api.store.scripts import ScriptCall, run_together
 
 log = logging.getLogger("api.store.renewals")
@@ -30,7 +29,7 @@ class Renewable(Protocol):
 
 
 class Renewer:
-    def __init__(self, redis: Redis, period: float, on_error: Callable[[], None] | None = None) -> None:
+    def __init__(self, redis: Client, period: float, on_error: Callable[[], None] | None = None) -> None:
         self.redis = redis
         self.period = period
         self.on_error = on_error

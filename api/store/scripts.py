@@ -1,8 +1,11 @@
 """The Lua scripts shipped in `api/store/lua/`, registered on a client and run by SHA.
 
-redis-py's `AsyncScript` sends EVALSHA and, on NOSCRIPT (a fresh or restarted Redis), loads the
-source and retries, so a Redis restart needs nothing from us. `run_together` keeps that promise for
-several scripts sent in one round trip.
+redis-py's `AsyncScript` sends EVALSHA and, on NOSCRIPT (a fresh or restarted Redis, a promoted
+replica, a node that took over a slot), loads the source on every primary and retries, so none of
+these needs anything from us. `run_together` keeps that promise for several scripts sent at once.
+
+Each script touches the keys of one slot. On a cluster, scripts of different slots go in redis-py's
+cluster pipeline, which sends one batch per node, all at once, and follows MOVED and ASK itself.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
+
+from api.store.redis import Client, TimedClusterPipeline, TimedPipeline
 
 log = logging.getLogger("api.store.scripts")
 
@@ -38,8 +43,12 @@ class Scripts:
     renew_lease: AsyncScript
 
     @classmethod
-    def register(cls, redis: Redis) -> Scripts:
+    def register(cls, redis: Client) -> Scripts:
         return cls(**{name: redis.register_script(script_source(name)) for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def sources(cls) -> list[str]:
+        return [script_source(name) for name in cls.__dataclass_fields__]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,32 +70,61 @@ async def give_back(call: ScriptCall) -> None:
         log.debug("could not give back what an unconfirmed step may have taken", exc_info=True)
 
 
-async def run_together(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    """Run scripts in one round trip: a pipeline, not a transaction, as each script is atomic on its own.
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """After the first call, wait until this many replicas hold what it wrote (WAIT), for at most
+    `timeout_ms`. WAIT counts the writes of the connection it is sent on: it goes in the same batch."""
+
+    replicas: int
+    timeout_ms: int
+
+
+async def run_together(
+    redis: Client, calls: Sequence[ScriptCall], confirm: Confirm | None = None
+) -> list[Any]:
+    """Run scripts in one round trip (one per node on a cluster, sent at once): a pipeline, not a
+    transaction, as each script is atomic on its own.
 
     A script's own error comes back in its place in the list, so one failing does not hide that the
-    others ran; a connection error raises. (A Script object in a pipeline would check SCRIPT EXISTS
-    first, a round trip more; a NOSCRIPT reply is rare enough to pay for when it happens.)
+    others ran; a connection error raises. With `confirm`, WAIT's reply (how many replicas hold the
+    first call's writes) comes last. (A Script object in a pipeline would check SCRIPT EXISTS first,
+    a round trip more; a NOSCRIPT reply is rare enough to pay for when it happens.)
     """
-    if len(calls) == 1:
+    if len(calls) == 1 and confirm is None:
         return [await _run_one(calls[0])]
+    results = await _send(redis, calls, confirm)
+    missing = [
+        index for index, result in enumerate(results[: len(calls)]) if isinstance(result, NoScriptError)
+    ]
+    if missing:
+        # Redis lost its scripts (a restart, a failover): load each once, then send those calls again
+        # together, rather than one round trip (and one kept exception) per call, hundreds for a renewal.
+        for script in {calls[index].script for index in missing}:
+            await redis.script_load(script.script)
+        again = await _send(redis, [calls[index] for index in missing], confirm if 0 in missing else None)
+        for index, result in zip(missing, again, strict=False):
+            results[index] = result
+        if 0 in missing and confirm is not None:
+            results[-1] = again[-1]
+    return results
+
+
+async def _send(redis: Client, calls: Sequence[ScriptCall], confirm: Confirm | None) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        if confirm is not None:
+            wait = ("WAIT", confirm.replicas, confirm.timeout_ms)
+            if isinstance(redis, RedisCluster):
+                # To the node of the first call's slot: the batch for that node shares one connection.
+                node = redis.nodes_manager.get_node_from_slot(redis.keyslot(calls[0].keys[0]))
+                pipe.execute_command(*wait, target_nodes=node)
+            else:
+                pipe.execute_command(*wait)
+            # WAIT may take its whole timeout: the batch is given that long on top of its own.
+            if isinstance(pipe, TimedPipeline | TimedClusterPipeline):
+                pipe.call_timeout += confirm.timeout_ms / 1000
         results: list[Any] = await pipe.execute(raise_on_error=False)
-    missing = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
-    if missing:
-        # Redis lost its scripts (a restart): load each once, then send those calls again together,
-        # rather than one round trip (and one kept exception) per call, hundreds for a renewal.
-        for script in {calls[index].script for index in missing}:
-            await redis.script_load(script.script)
-        async with redis.pipeline(transaction=False) as pipe:
-            for index in missing:
-                call = calls[index]
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            again = await pipe.execute(raise_on_error=False)
-        for index, result in zip(missing, again, strict=True):
-            results[index] = result
     return results
 
 

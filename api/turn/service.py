@@ -32,7 +32,7 @@ from api.errors import (
 )
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
 from api.store.admission import Admission, Quota, Ticket
-from api.store.history import CommitRefused, SessionStore, Snapshot, stored_message
+from api.store.history import CommitRefused, CommitUnconfirmed, SessionStore, Snapshot, stored_message
 from api.store.keys import SessionKeys, session_keys
 from api.store.renewals import Renewer
 from api.store.scripts import ScriptCall, run_together
@@ -229,6 +229,12 @@ class Turn:
             )
         except CommitRefused as exc:
             raise StreamFailed(exc.reason, Outcome.UNKNOWN_ERROR) from exc
+        except CommitUnconfirmed as exc:
+            # Stored on the primary, but a failover could still lose it: the reply ends without its
+            # final chunk, so the client sends the turn again rather than trust a turn that may vanish.
+            if ticket is not None and exc.results and not isinstance(exc.results[0], Exception):
+                ticket.settled = True
+            raise StreamFailed(str(exc), Outcome.UNKNOWN_ERROR) from exc
         except ChatError as exc:
             raise StreamFailed(exc.message, Outcome.UNKNOWN_ERROR) from exc
         self.report.committed = True

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from tests.bench.redis_meter import redis_cost
 from tests.bench.targets import Cores, Process, cpu_seconds
 
 MODEL = "claude-sonnet-4-6"
@@ -258,16 +259,19 @@ def memory_per_stream(load: Load, target: Target, streams: int, *, seconds: floa
 
 
 def redis_per_turn(
-    load: Load, target: Target, meter: Any, server_calls: Any, url: str, *, turns: int
+    load: Load, target: Target, meter: Any, server_stats: Any, url: str, *, turns: int
 ) -> dict[str, Any]:
-    """Commands and round trips on the wire per committed turn, and the commands Redis ran for them."""
+    """Commands and round trips on the wire per committed turn, the commands Redis ran for them,
+    and what they cost Redis (see `redis_meter.redis_cost`)."""
     shape = Shape(deltas=5, delay=0.0)
     load.run(target, shape, clients=2, rounds=3, ramp=0.0, timeout=30)  # connections made, scripts loaded
     meter.reset()
-    calls_before = server_calls(url)
+    stats_before = server_stats(url)
     run = load.run(target, shape, clients=1, rounds=turns, ramp=0.0, timeout=30)
     counts = meter.snapshot()
-    calls_after = server_calls(url)
+    stats_after = server_stats(url)
+    calls_before = {name: v["calls"] for name, v in stats_before["commands"].items()}
+    calls_after = {name: v["calls"] for name, v in stats_after["commands"].items()}
     committed = len(run.ok)
     inner = {
         name: calls_after.get(name, 0) - calls_before.get(name, 0)
@@ -282,6 +286,33 @@ def redis_per_turn(
         "by_name": {name: n / committed for name, n in sorted(counts["by_name"].items())},
         "server_calls": sum(inner.values()) / committed,
         "server_by_name": {name: n / committed for name, n in sorted(inner.items())},
+        **redis_cost(stats_before, stats_after, counts["by_name"], committed),
+    }
+
+
+def cluster_round_trips(load: Load, target: Target, meters: list[Any], *, turns: int) -> dict[str, Any]:
+    """Round trips per committed turn on a cluster, summed over its nodes (those to different nodes
+    go at once), and on how many nodes a turn's round trips landed."""
+    shape = Shape(deltas=5, delay=0.0)
+    # As many clients as below, so that every connection the measured turns use is already made.
+    load.run(target, shape, clients=turns, rounds=2, ramp=0.0, timeout=30)
+    for meter in meters:
+        meter.reset()
+    # A session per client, one turn each: the sessions' slots spread over the nodes as a deployment's do.
+    run = load.run(target, shape, clients=turns, rounds=1, ramp=0.0, timeout=30)
+    counts = [meter.snapshot() for meter in meters]
+    committed = len(run.ok)
+    return {
+        "turns": committed,
+        "errors": len(run.errors),
+        "nodes": len(meters),
+        "round_trips": sum(c["round_trips"] for c in counts) / committed,
+        "commands": sum(c["commands"] for c in counts) / committed,
+        "round_trips_by_node": [c["round_trips"] / committed for c in counts],
+        "by_name": {
+            name: sum(c["by_name"].get(name, 0) for c in counts) / committed
+            for name in sorted({name for c in counts for name in c["by_name"]})
+        },
     }
 
 

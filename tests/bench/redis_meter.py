@@ -151,9 +151,45 @@ class RedisMeter:
 
 def server_calls(url: str) -> dict[str, int]:
     """Calls per command as Redis counts them, scripts' inner commands included."""
+    return {name: int(value["calls"]) for name, value in server_stats(url)["commands"].items()}
+
+
+def server_stats(url: str) -> dict[str, Any]:
+    """What Redis says it spent: per command its calls and microseconds (`INFO commandstats`; a
+    script's time includes the commands it ran, which are also counted under their own names), and
+    the process's CPU seconds, user and system (`INFO cpu`: command time plus reading and writing
+    sockets, expiry and its timers)."""
     client = redis.Redis.from_url(url)
     try:
         stats = client.info("commandstats")
+        cpu = client.info("cpu")
     finally:
         client.close()
-    return {name.removeprefix("cmdstat_").upper(): int(value["calls"]) for name, value in stats.items()}
+    return {
+        "commands": {
+            name.removeprefix("cmdstat_").upper(): {"calls": int(v["calls"]), "usec": int(v["usec"])}
+            for name, v in stats.items()
+        },
+        "cpu_seconds": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+    }
+
+
+def redis_cost(
+    before: dict[str, Any], after: dict[str, Any], sent: dict[str, int], turns: int
+) -> dict[str, Any]:
+    """Redis's own time per turn, and the turns one Redis core could hold at that cost.
+
+    Only commands the worker sent are summed: a script's microseconds already include its inner
+    calls, which `INFO commandstats` also lists under their own names."""
+    usec = sum(
+        after["commands"].get(name, {}).get("usec", 0) - before["commands"].get(name, {}).get("usec", 0)
+        for name in sent
+    )
+    cpu_usec = (after["cpu_seconds"] - before["cpu_seconds"]) * 1e6
+    per_turn = usec / turns
+    return {
+        "usec_per_turn": per_turn,
+        "turns_per_core": 1e6 / per_turn if per_turn > 0 else None,
+        "process_cpu_usec_per_turn": cpu_usec / turns,
+        "turns_per_core_process": 1e6 / (cpu_usec / turns) if cpu_usec > 0 else None,
+    }

@@ -17,6 +17,9 @@ GOALS = {
 }
 
 
+REDIS_ONLY = ("round_trips", "commands", "redis_usec", "redis_turns_per_core", "cluster_round_trips")
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -100,6 +103,24 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             {"floor": 0, "tutorial": 0, "service": redis["commands"]},
             False,
         ),
+        (
+            "redis_usec",
+            "Redis time per committed turn (µs, INFO commandstats, scripts' inner calls included)",
+            {"floor": 0, "tutorial": 0, "service": redis.get("usec_per_turn")},
+            False,
+        ),
+        (
+            "redis_turns_per_core",
+            "committed turns per second one Redis core holds, at that time per turn",
+            {"floor": None, "tutorial": None, "service": redis.get("turns_per_core")},
+            True,
+        ),
+        (
+            "cluster_round_trips",
+            "Redis round trips per committed turn on a cluster (all nodes; those to different nodes go at once)",
+            {"floor": 0, "tutorial": 0, "service": (results.get("redis_cluster") or {}).get("round_trips")},
+            False,
+        ),
     ]
     return [{"key": k, "label": label, "values": v, "higher_better": hb} for k, label, v, hb in table]
 
@@ -113,7 +134,7 @@ def markdown(results: dict[str, Any]) -> str:
     for row in rows(results):
         v = row["values"]
         key = row["key"]
-        if key in ("round_trips", "commands"):  # neither baseline uses Redis
+        if key in REDIS_ONLY:  # neither baseline uses Redis
             versus = versus_floor = ""
         elif key.startswith("ttfb"):
             versus = _ratio(v["service"], v["tutorial"], False)
@@ -144,6 +165,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_fmt(floor['50']['p50_ms'])} ms at 50. A one-shot turn (`/chat/stream`, no session) adds "
         f"{_fmt(one_shot['1']['p50_ms'] - floor['1']['p50_ms'])} ms at p50, 1 client.",
     ]
+    redis = results["redis"]
+    if redis.get("process_cpu_usec_per_turn") is not None:
+        process = redis["turns_per_core_process"]
+        lines += [
+            "",
+            f"Redis's whole process (INFO cpu: commands, sockets, timers) spent "
+            f"{_fmt(redis['process_cpu_usec_per_turn'])} µs of CPU per committed turn, "
+            f"{_fmt(process) if process else 'n/a'} turns per second per core. Shard when a Redis's "
+            "CPU nears one core: turns/s ÷ that figure is how many primaries a cluster needs.",
+        ]
     lines += [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
 

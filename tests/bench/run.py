@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -21,8 +22,9 @@ from typing import Any
 
 from tests.bench import measure, report
 from tests.bench.measure import Load, Others, Shape, Target
-from tests.bench.redis_meter import RedisMeter, server_calls
+from tests.bench.redis_meter import RedisMeter, server_stats
 from tests.bench.targets import Cores, Process, redis_for_bench, service_worker, standin, tutorial_worker
+from tests.processes import wait_until
 
 LEVELS = [50, 100, 200, 300, 500, 750, 1000, 1250, 1500, 2000]
 LIMIT = 1.25  # a stream is on time while it lasts at most this many times the upstream's own duration
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                 }
             log("Redis per turn")
             results["redis"] = redis_phase(load, cores, logs, redis.url, model.url, quick)
+            log("Redis Cluster round trips per turn")
+            results["redis_cluster"] = cluster_phase(load, cores, logs, model.url, quick, notes)
         check_load_side(results, notes)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +179,47 @@ def redis_phase(
         with running(worker):
             target = Target("service", worker, "/chat/m{run}-{i}-{n}/stream")
             return measure.redis_per_turn(
-                load, target, meter, server_calls, redis_url, turns=10 if quick else 40
+                load, target, meter, server_stats, redis_url, turns=10 if quick else 40
             )
+
+
+def cluster_phase(
+    load: Load, cores: Cores, logs: Path, upstream: str, quick: bool, notes: list[str]
+) -> dict[str, Any] | None:
+    """A cluster of three primaries, each behind a meter it announces as its own address, so that the
+    worker's cluster client (which connects wherever CLUSTER SLOTS points) goes through them."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        notes.append("Redis Cluster: not measured, redis-server and redis-cli are not installed.")
+        return None
+    from tests.topologies import Cluster
+
+    cluster = Cluster(logs / "cluster", size=3, replicas=0)
+    cluster.start()
+    try:
+        with contextlib.ExitStack() as stack:
+            meters = [stack.enter_context(RedisMeter("127.0.0.1", node.port)) for node in cluster.nodes]
+            for node, meter in zip(cluster.nodes, meters, strict=True):
+                with node.client() as client:
+                    client.config_set("cluster-announce-bus-port", node.port + 10000)
+                    client.config_set("cluster-announce-port", meter.port)
+
+            def announced() -> bool:
+                with cluster.nodes[0].client() as client:
+                    ports = {
+                        int(primary[1]) for _, _, primary, *_ in client.execute_command("CLUSTER", "SLOTS")
+                    }
+                return ports == {meter.port for meter in meters}
+
+            wait_until(announced, 10, "every node to announce its meter")
+            worker = service_worker(
+                cores, logs, meters[0].url.removesuffix("/0"), upstream, name="service-cluster"
+            )
+            worker.env["CHAT_REDIS_MODE"] = "cluster"
+            with running(worker):
+                target = Target("service", worker, "/chat/c{run}-{i}-{n}/stream")
+                return measure.cluster_round_trips(load, target, meters, turns=10 if quick else 40)
+    finally:
+        cluster.stop()
 
 
 def check_load_side(results: dict[str, Any], notes: list[str]) -> None:
