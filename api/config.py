@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # Sessions.
     session_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
     history_max_messages: int = Field(200, ge=2)
+    history_page_size: int = Field(50, ge=1)  # messages per page when a history read names no limit
+    history_page_max: int = Field(200, ge=1)  # the largest limit a history read may ask for
     context_max_tokens: int = Field(100_000, ge=1)
     lock_ttl_seconds: float = Field(30.0, gt=0)
     redis_prefix: str = Field("chat", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
@@ -149,6 +151,8 @@ class Settings(BaseSettings):
             self.allowed_models = [self.model]
         elif self.model not in self.allowed_models:
             raise ValueError(f"CHAT_MODEL {self.model!r} is not in CHAT_ALLOWED_MODELS")
+        if self.history_page_size > self.history_page_max:
+            raise ValueError("CHAT_HISTORY_PAGE_SIZE is above CHAT_HISTORY_PAGE_MAX")
         if self.max_tokens > self.max_tokens_limit:
             raise ValueError("CHAT_MAX_TOKENS is above CHAT_MAX_TOKENS_LIMIT")
         if self.anthropic_api_key is None or not self.anthropic_api_key.get_secret_value().strip():

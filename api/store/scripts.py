@@ -36,6 +36,7 @@ class Scripts:
     admit: AsyncScript
     settle: AsyncScript
     renew_lease: AsyncScript
+    read_page: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
