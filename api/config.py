@@ -12,6 +12,9 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
+# The stand-in model's key (`chat-api dev` and docker compose set it when no real key is given): it is
+# worth nothing to anyone, so an API that serves it needs no keys of its own.
+STANDIN_KEY = "local-stand-in"
 
 # pydantic-settings warns about a missing secrets directory, so it is only named when it exists.
 _SECRETS_DIR = "/run/secrets" if os.path.isdir("/run/secrets") else None
@@ -69,6 +72,9 @@ class Settings(BaseSettings):
     # Admission control.
     # Secret, so that printing the settings never shows a key.
     api_keys: SecretList = Field(default_factory=list)
+    # Serving a real ANTHROPIC_API_KEY without CHAT_API_KEYS hands Claude, and its bill, to anyone who
+    # reaches the port: a process refuses to start that way unless this says it is meant.
+    allow_open_api: bool = False
     trusted_proxies: CommaList = Field(default_factory=list)
     # Bounded so that a bucket's arithmetic in Lua stays exact (doubles hold integers up to 2**53).
     rate_limit_requests: int = Field(0, ge=0, le=1_000_000)
@@ -198,10 +204,26 @@ def describe_error(error: ValidationError) -> str:
     return f"{name}: {message}"
 
 
+def open_api_refusal(settings: Settings) -> str | None:
+    """Why a process must not serve these settings, or None: a real key behind an open API."""
+    if settings.api_keys or settings.allow_open_api or settings.api_key == STANDIN_KEY:
+        return None
+    return (
+        "ANTHROPIC_API_KEY is set but CHAT_API_KEYS is empty, so anyone who reaches the port could use "
+        "Claude on that key; set CHAT_API_KEYS, or CHAT_ALLOW_OPEN_API=true to serve it open"
+    )
+
+
 def load_settings(**overrides: object) -> Settings:
-    """The settings, or exit 2 with one line naming the offending variable."""
+    """The settings for a process about to serve, or exit 2 with one line naming the offending variable."""
+    refusal: str | None
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        print(f"chat-api: configuration error: {describe_error(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refusal = describe_error(exc)
+    else:
+        refusal = open_api_refusal(settings)
+        if refusal is None:
+            return settings
+    print(f"chat-api: configuration error: {refusal}", file=sys.stderr)
+    raise SystemExit(2)

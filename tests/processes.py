@@ -113,7 +113,14 @@ class Worker:
 
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.env = {**os.environ, **env, "CHAT_PORT": str(self.port), "CHAT_HOST": "127.0.0.1"}
+        # The tests' workers serve a key worth nothing on loopback: an open API is what they mean.
+        self.env = {
+            **os.environ,
+            "CHAT_ALLOW_OPEN_API": "true",
+            **env,
+            "CHAT_PORT": str(self.port),
+            "CHAT_HOST": "127.0.0.1",
+        }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
