@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 import redis as sync_redis
+from pydantic import ValidationError
 
+from api.config import Settings
 from api.http.auth import PUBLIC_TENANT
 from api.store.history import stored_message
 from api.store.keys import session_keys
@@ -114,3 +116,8 @@ def test_a_cursor_deep_in_a_long_history_is_found(
             assert contents == ["first", contents[1]] and contents[1] != "m0"
         else:
             assert contents == expected
+
+
+def test_the_default_page_size_may_not_exceed_the_largest() -> None:
+    with pytest.raises(ValidationError, match="CHAT_HISTORY_PAGE_SIZE is above CHAT_HISTORY_PAGE_MAX"):
+        Settings(anthropic_api_key="k", history_page_size=300, history_page_max=200)
