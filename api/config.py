@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.asyncio.connection import parse_url
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
+# The stand-in model's key (`chat-api dev` and docker compose set it when no real key is given): it is
+# worth nothing to anyone, so an API that serves it needs no keys of its own.
+STANDIN_KEY = "local-stand-in"
 
 # pydantic-settings warns about a missing secrets directory, so it is only named when it exists.
 _SECRETS_DIR = "/run/secrets" if os.path.isdir("/run/secrets") else None
@@ -54,6 +57,8 @@ class Settings(BaseSettings):
     # Sessions.
     session_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
     history_max_messages: int = Field(200, ge=2)
+    history_page_size: int = Field(50, ge=1)  # messages per page when a history read names no limit
+    history_page_max: int = Field(200, ge=1)  # the largest limit a history read may ask for
     context_max_tokens: int = Field(100_000, ge=1)
     lock_ttl_seconds: float = Field(30.0, gt=0)
     redis_prefix: str = Field("chat", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
@@ -76,6 +81,9 @@ class Settings(BaseSettings):
     # Admission control.
     # Secret, so that printing the settings never shows a key.
     api_keys: SecretList = Field(default_factory=list)
+    # Serving a real ANTHROPIC_API_KEY without CHAT_API_KEYS hands Claude, and its bill, to anyone who
+    # reaches the port: a process refuses to start that way unless this says it is meant.
+    allow_open_api: bool = False
     trusted_proxies: CommaList = Field(default_factory=list)
     # Bounded so that a bucket's arithmetic in Lua stays exact (doubles hold integers up to 2**53).
     rate_limit_requests: int = Field(0, ge=0, le=1_000_000)
@@ -174,6 +182,8 @@ class Settings(BaseSettings):
             self.allowed_models = [self.model]
         elif self.model not in self.allowed_models:
             raise ValueError(f"CHAT_MODEL {self.model!r} is not in CHAT_ALLOWED_MODELS")
+        if self.history_page_size > self.history_page_max:
+            raise ValueError("CHAT_HISTORY_PAGE_SIZE is above CHAT_HISTORY_PAGE_MAX")
         if self.max_tokens > self.max_tokens_limit:
             raise ValueError("CHAT_MAX_TOKENS is above CHAT_MAX_TOKENS_LIMIT")
         self._check_topology()
@@ -256,10 +266,26 @@ def describe_error(error: ValidationError) -> str:
     return f"{name}: {message}"
 
 
+def open_api_refusal(settings: Settings) -> str | None:
+    """Why a process must not serve these settings, or None: a real key behind an open API."""
+    if settings.api_keys or settings.allow_open_api or settings.api_key == STANDIN_KEY:
+        return None
+    return (
+        "ANTHROPIC_API_KEY is set but CHAT_API_KEYS is empty, so anyone who reaches the port could use "
+        "Claude on that key; set CHAT_API_KEYS, or CHAT_ALLOW_OPEN_API=true to serve it open"
+    )
+
+
 def load_settings(**overrides: object) -> Settings:
-    """The settings, or exit 2 with one line naming the offending variable."""
+    """The settings for a process about to serve, or exit 2 with one line naming the offending variable."""
+    refusal: str | None
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        print(f"chat-api: configuration error: {describe_error(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refusal = describe_error(exc)
+    else:
+        refusal = open_api_refusal(settings)
+        if refusal is None:
+            return settings
+    print(f"chat-api: configuration error: {refusal}", file=sys.stderr)
+    raise SystemExit(2)

@@ -16,10 +16,10 @@ __all__ = ["create_app"]
 def __getattr__(name: str) -> Any:
     # `uvicorn api.main:app` (and each worker process of `chat-api serve`) lands here.
     if name == "app":
-        from api.config import Settings
+        from api.config import load_settings
         from api.ops.logs import configure_logging
 
-        settings = Settings()
+        settings = load_settings()
         configure_logging(settings)
         return create_app(settings, own_process=True)
     raise AttributeError(name)

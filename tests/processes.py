@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,11 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0, sig: int = sig
 class RedisServer:
     """A redis-server of the test's own, which it may stop and restart (same port, same data dir)."""
 
-    def __init__(self, data_dir: Path, *, appendonly: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, appendonly: bool = False, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.data_dir = data_dir
         self.appendonly = appendonly
+        self.extra = list(extra)  # more options, e.g. a TLS port beside the plain one
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,6 +93,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
+            *self.extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -113,7 +115,14 @@ class Worker:
 
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.env = {**os.environ, **env, "CHAT_PORT": str(self.port), "CHAT_HOST": "127.0.0.1"}
+        # The tests' workers serve a key worth nothing on loopback: an open API is what they mean.
+        self.env = {
+            **os.environ,
+            "CHAT_ALLOW_OPEN_API": "true",
+            **env,
+            "CHAT_PORT": str(self.port),
+            "CHAT_HOST": "127.0.0.1",
+        }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.config import Settings
+from api.config import STANDIN_KEY, Settings, load_settings
 from tests.processes import ROOT, free_port, stop_process, wait_until
 
 
@@ -54,6 +54,66 @@ def test_a_bad_setting_stops_serve_with_one_line_naming_it(env: dict[str, str], 
     assert "Traceback" not in result.stderr
     # A URL may hold a password: the line names the variable, never its value.
     assert "hunter2" not in result.stderr
+
+
+REAL_KEY = "sk-ant-api03-not-a-stand-in"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "api", "serve"], ["-c", "from api.main import app"]],
+    ids=["chat-api serve", "uvicorn api.main:app"],
+)
+def test_a_real_key_without_api_keys_stops_a_worker_with_one_line_naming_both(command: list[str]) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
+    result = subprocess.run(
+        [sys.executable, *command],
+        env={**base, "ANTHROPIC_API_KEY": REAL_KEY},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "ANTHROPIC_API_KEY" in line and "CHAT_API_KEYS" in line and "CHAT_ALLOW_OPEN_API=true" in line
+    assert REAL_KEY not in result.stderr
+
+
+def test_chat_api_dev_with_a_real_key_and_no_api_keys_refuses_too(redis_url: str, tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
+    env = {**base, "PYTHONPATH": str(ROOT), "ANTHROPIC_API_KEY": REAL_KEY, "REDIS_URL": redis_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "api", "dev", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "CHAT_API_KEYS" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ANTHROPIC_API_KEY": REAL_KEY, "CHAT_ALLOW_OPEN_API": "true"},
+        {"ANTHROPIC_API_KEY": REAL_KEY, "CHAT_API_KEYS": "client-key-0123456789"},
+        {"ANTHROPIC_API_KEY": STANDIN_KEY},
+    ],
+    ids=["allowed open", "with api keys", "the stand-in's key"],
+)
+def test_a_worker_may_serve_with_api_keys_an_explicit_open_api_or_the_stand_in_key(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same gate the processes above stop at (the tests' own workers pass it with the flag)."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in [*os.environ]:
+        if name.startswith(("CHAT_", "ANTHROPIC_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().api_key == env["ANTHROPIC_API_KEY"]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from api.config import Settings
+from api.config import STANDIN_KEY, Settings, open_api_refusal
 from api.http.auth import Authenticator
 from api.http.server import CLOSE_SECONDS
 from tests.conftest import LiveApp
@@ -96,6 +96,18 @@ def test_without_a_key_the_api_uses_the_stand_in_model_service() -> None:
     assert command[:3] == ["python", "-m", "api.dev.standin"]
     assert command[command.index("--port") + 1] == base_url[1]
     assert command[command.index("--host") + 1] == "0.0.0.0"
+
+
+def test_out_of_the_box_the_stand_in_key_starts_and_a_real_key_needs_api_keys() -> None:
+    env = SERVICES["api"]["environment"]
+    assert env["ANTHROPIC_API_KEY"] == f"${{ANTHROPIC_API_KEY:-{STANDIN_KEY}}}"
+    assert open_api_refusal(Settings(anthropic_api_key=STANDIN_KEY)) is None
+    assert open_api_refusal(Settings(anthropic_api_key="sk-ant-from-dotenv")) is not None
+
+
+def test_the_published_port_is_on_loopback_unless_chat_public_host_says_otherwise() -> None:
+    [published] = SERVICES["lb"]["ports"]
+    assert published == "${CHAT_PUBLIC_HOST:-127.0.0.1}:${CHAT_PUBLIC_PORT:-8080}:8080"
 
 
 def test_nginx_runs_the_projects_config_on_the_one_published_port() -> None:
@@ -241,7 +253,7 @@ def test_env_example_names_only_real_settings() -> None:
     text = (ROOT / ".env.example").read_text()
     names = re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE)
     assert names
-    compose_only = {"CHAT_PUBLIC_PORT"}
+    compose_only = {"CHAT_PUBLIC_PORT", "CHAT_PUBLIC_HOST"}
     known = {"ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "REDIS_URL"} | {
         f"CHAT_{field.upper()}" for field in Settings.model_fields
     }

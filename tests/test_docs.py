@@ -18,7 +18,7 @@ README = ROOT / "README.md"
 CONFIGURATION = ROOT / "docs" / "configuration.md"
 DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 # Named in the docs, read by docker-compose.yml or the terminal client rather than by the service.
-COMPOSE_ONLY = {"CHAT_PUBLIC_PORT", "CHAT_CLIENT_KEY"}
+COMPOSE_ONLY = {"CHAT_PUBLIC_PORT", "CHAT_PUBLIC_HOST", "CHAT_CLIENT_KEY"}
 
 FENCE = re.compile(r"^```.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]+`")

@@ -303,6 +303,39 @@ async def test_a_turn_whose_lease_lapsed_is_still_charged_once(
 
 
 @pytest.mark.anyio
+async def test_a_renewal_that_arrives_after_the_settlement_does_not_revive_the_lease(
+    admission_for: Callable[..., Admission], rdb: sync_redis.Redis
+) -> None:
+    """The renewer builds its calls, then waits for a connection; the turn's settlement may reach Redis
+    first. The late renewal must not take the stream back for a lease ttl."""
+    admission = admission_for(rate_limit_concurrent=1, lock_ttl_seconds=30)
+    decision = await admission.admit("k")
+    assert decision.ticket is not None
+    leases = decision.ticket.keys[1]
+    renewal = admission.renew_call(decision.ticket)  # built, not yet sent
+    assert await admission.settle_call(decision.ticket, 0).run() == 1
+    assert await renewal.run() == 0  # ...and now it arrives
+    assert rdb.zcard(leases) == 0
+    assert (await admission.admit("k")).allowed  # the caller's one stream is free at once
+
+
+@pytest.mark.anyio
+async def test_a_renewal_takes_back_a_lease_that_lapsed_while_its_stream_runs(
+    admission_for: Callable[..., Admission], rdb: sync_redis.Redis
+) -> None:
+    """A worker that stalled for a whole ttl still runs its stream: the lease counts again."""
+    admission = admission_for(rate_limit_concurrent=1, lock_ttl_seconds=0.2)
+    decision = await admission.admit("k")
+    assert decision.ticket is not None
+    leases = decision.ticket.keys[1]
+    await asyncio.sleep(0.3)  # the lease is gone
+    assert not rdb.exists(leases)
+    assert await admission.renew_call(decision.ticket).run() == 1
+    assert rdb.zcard(leases) == 1
+    assert not (await admission.admit("k")).allowed
+
+
+@pytest.mark.anyio
 async def test_admission_costs_one_round_trip(redis_url: str, make_settings: Callable[..., Settings]) -> None:
     """Every limit is checked and taken by one script: one command, one round trip, on the wire."""
     from tests.bench.redis_meter import RedisMeter

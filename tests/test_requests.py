@@ -152,6 +152,7 @@ async def test_sessions_read_delete_and_create(client: tuple[httpx.AsyncClient, 
     assert (await http.get(f"/chat/{session_id}/messages")).json() == {
         "session_id": session_id,
         "messages": [],
+        "next_before": None,
     }
 
     await http.post(f"/chat/{session_id}/stream", json={"message": "first"})

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from api.store.history import CommitRefused, SessionStore, stored_message
-from api.store.keys import session_keys
+from api.store.keys import SessionKeys, session_keys
 from api.store.scripts import Scripts
 
 pytestmark = pytest.mark.anyio
@@ -30,6 +30,11 @@ def turn(n: int) -> list[bytes]:
         stored_message(f"u{n}", "user", f"q{n}", 0, 1),
         stored_message(f"a{n}", "assistant", f"r{n}", 0, 1),
     ]
+
+
+async def read_all(store: SessionStore, keys: SessionKeys) -> list[bytes] | None:
+    page = await store.read_page(keys, 1000, None)
+    return None if page is None else page.messages
 
 
 def contents(raw: list[bytes] | None) -> list[str]:
@@ -61,7 +66,7 @@ async def test_commit_appends_both_messages_and_unlocks(
     snapshot = await store.begin(keys, "tok")
     assert snapshot is not None and snapshot.version == 0 and snapshot.messages == []
     await store.commit(keys, snapshot, "tok", turn(1), replace_last=False)
-    assert contents(await store.read(keys)) == ["q1", "r1"]
+    assert contents(await read_all(store, keys)) == ["q1", "r1"]
     assert not rdb.exists(keys.lock)
     assert 0 < rdb.pttl(keys.history) <= 60_000
     assert 0 < rdb.pttl(keys.meta) <= 60_000
@@ -77,7 +82,7 @@ async def test_a_resent_commit_is_applied_once(store: SessionStore, prefix: str)
     await store.commit(keys, snapshot, "tok", turn(1), replace_last=False)
     # redis-py re-sends a command whose reply timed out: the same commit arrives twice.
     await store.commit(keys, snapshot, "tok", turn(1), replace_last=False)
-    assert contents(await store.read(keys)) == ["q1", "r1"]
+    assert contents(await read_all(store, keys)) == ["q1", "r1"]
 
 
 async def test_a_turn_that_lost_its_lock_cannot_write(store: SessionStore, prefix: str) -> None:
@@ -90,7 +95,7 @@ async def test_a_turn_that_lost_its_lock_cannot_write(store: SessionStore, prefi
     with pytest.raises(CommitRefused):
         await store.commit(keys, stale, "stale", turn(1), replace_last=False)
     await store.commit(keys, fresh, "fresh", turn(2), replace_last=False)
-    assert contents(await store.read(keys)) == ["q2", "r2"]
+    assert contents(await read_all(store, keys)) == ["q2", "r2"]
     # Nor can it release or renew someone else's lock.
     fresh_again = await store.begin(keys, "fresh-2")
     assert fresh_again is not None
@@ -108,7 +113,7 @@ async def test_the_version_fences_a_commit_after_the_history_changed(
     rdb.hset(keys.meta, "ver", 5)  # written meanwhile by something holding no lock
     with pytest.raises(CommitRefused):
         await store.commit(keys, snapshot, "tok", turn(1), replace_last=False)
-    assert await store.read(keys) == []
+    assert await read_all(store, keys) == []
 
 
 async def test_deleting_a_session_mid_turn_makes_its_commit_fail(store: SessionStore, prefix: str) -> None:
@@ -121,7 +126,7 @@ async def test_deleting_a_session_mid_turn_makes_its_commit_fail(store: SessionS
     assert await store.delete(keys)
     with pytest.raises(CommitRefused):
         await store.commit(keys, in_flight, "tok2", turn(2), replace_last=False)
-    assert await store.read(keys) is None
+    assert await read_all(store, keys) is None
     assert not await store.delete(keys)
 
 
@@ -135,7 +140,7 @@ async def test_regenerate_replaces_the_last_reply(store: SessionStore, prefix: s
     assert snapshot is not None
     new_reply = [stored_message("a2b", "assistant", "r2-again", 0, 1)]
     await store.commit(keys, snapshot, "c", new_reply, replace_last=True)
-    assert contents(await store.read(keys)) == ["q1", "r1", "q2", "r2-again"]
+    assert contents(await read_all(store, keys)) == ["q1", "r1", "q2", "r2-again"]
 
 
 async def test_history_is_capped(store: SessionStore, prefix: str) -> None:
@@ -144,7 +149,7 @@ async def test_history_is_capped(store: SessionStore, prefix: str) -> None:
         snapshot = await store.begin(keys, f"tok{n}")
         assert snapshot is not None
         await store.commit(keys, snapshot, f"tok{n}", turn(n), replace_last=False)
-    assert contents(await store.read(keys)) == ["q2", "r2", "q3", "r3", "q4", "r4"]
+    assert contents(await read_all(store, keys)) == ["q2", "r2", "q3", "r3", "q4", "r4"]
 
 
 async def test_session_expires_without_a_turn(redis_url: str, prefix: str) -> None:
@@ -155,9 +160,9 @@ async def test_session_expires_without_a_turn(redis_url: str, prefix: str) -> No
         snapshot = await store.begin(keys, "tok")
         assert snapshot is not None
         await store.commit(keys, snapshot, "tok", turn(1), replace_last=False)
-        assert await store.read(keys)
+        assert await read_all(store, keys)
         await asyncio.sleep(1.3)
-        assert await store.read(keys) is None
+        assert await read_all(store, keys) is None
     finally:
         await client.aclose()
 
@@ -210,7 +215,7 @@ async def test_a_commit_whose_reply_was_lost_is_sent_again_and_applied_once(
     monkeypatch.setattr(api.store.history, "run_together", reply_lost_once)
     await store.commit(keys, snapshot, "turn-1", turn(1), replace_last=False)
     assert len(sends) == 2  # sent again, recognised by its turn id
-    assert contents(await store.read(keys)) == ["q1", "r1"]
+    assert contents(await read_all(store, keys)) == ["q1", "r1"]
 
 
 async def test_a_redis_that_does_not_answer_times_out_each_call(redis_url: str) -> None:

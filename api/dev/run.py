@@ -19,7 +19,7 @@ import uvicorn
 from dotenv import dotenv_values
 from redis.exceptions import RedisError
 
-from api.config import load_settings
+from api.config import STANDIN_KEY, load_settings
 from api.dev.standin import StandInModel
 from api.http.server import uvicorn_options
 from api.main import create_app
@@ -53,7 +53,7 @@ def run_dev(host: str | None = None, port: int | None = None) -> None:
         overrides["web_ui"] = True
     use_standin = not configured("ANTHROPIC_API_KEY")
     if use_standin:
-        overrides["anthropic_api_key"] = "local-stand-in"
+        overrides["anthropic_api_key"] = STANDIN_KEY
     # uvicorn re-raises the SIGTERM it caught once it has shut down; the default action would kill
     # the process before the embedded Redis is stopped, leaving it running on its own.
     signal.signal(signal.SIGTERM, _exit)

@@ -151,16 +151,46 @@ async def chat_session_stream(
     return await _turn(request, chat, key, rid, session_id)
 
 
+# Read from the query string and checked by the chat service, so that a bad limit or cursor is a 400
+# like every other bad parameter (FastAPI's own check would answer 422); documented here.
+_PAGE_PARAMETERS = {
+    "parameters": [
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": "Messages per page: 1 up to CHAT_HISTORY_PAGE_MAX; CHAT_HISTORY_PAGE_SIZE if omitted",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+        {
+            "name": "before",
+            "in": "query",
+            "required": False,
+            "description": "A message id, e.g. a page's `next_before`: the page just before that message",
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        },
+    ]
+}
+
+
 @router.get(
     "/chat/{session_id}/messages",
     response_model=SessionHistory,
     responses=_ERRORS,
-    summary="The stored history, oldest first",
+    openapi_extra=_PAGE_PARAMETERS,
+    summary="The stored history in pages: the newest page first, each page oldest first",
 )
-async def session_messages(session_id: SessionIdPath, chat: ChatDep, caller: CallerDep) -> Response:
-    messages = await chat.history(caller.tenant, session_id)
+async def session_messages(
+    session_id: SessionIdPath, request: Request, chat: ChatDep, caller: CallerDep
+) -> Response:
+    query = request.query_params
+    page = await chat.history(caller.tenant, session_id, query.get("limit"), query.get("before"))
     # The stored messages are already JSON: splice them rather than decode and re-encode.
-    body = b'{"session_id":%s,"messages":[%s]}' % (orjson.dumps(session_id), b",".join(messages))
+    body = b'{"session_id":%s,"messages":[%s],"next_before":%s}' % (
+        orjson.dumps(session_id),
+        b",".join(page.messages),
+        orjson.dumps(page.next_before),
+    )
     return Response(body, media_type="application/json")
 
 

@@ -137,7 +137,7 @@ class Admission:
         return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, tokens, self.tokens, WINDOW_MS])
 
     def renew_call(self, ticket: Ticket) -> ScriptCall:
-        return ScriptCall(self.scripts.renew_lease, ticket.keys[1:2], [ticket.lease, self.lease_ttl_ms])
+        return ScriptCall(self.scripts.renew_lease, ticket.keys[1:], [ticket.lease, self.lease_ttl_ms])
 
     def _args(self, take: str, lease: str) -> list[EncodableT]:
         return [take, lease, self.requests, self.tokens, self.streams, self.lease_ttl_ms, WINDOW_MS]

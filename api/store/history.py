@@ -37,6 +37,14 @@ class Snapshot:
     messages: list[dict[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of a session's history, oldest first, and the id to read the page before it with."""
+
+    messages: list[bytes]
+    next_before: str | None
+
+
 class CommitRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -179,15 +187,22 @@ class SessionStore:
             created = await self.scripts.create_session(keys=[keys.meta], args=[self.ttl_ms])
         return bool(created)
 
-    async def read(self, keys: SessionKeys) -> list[bytes] | None:
-        """The stored messages as raw JSON, oldest first; None when the session does not exist."""
-        async with redis_errors(self.on_error), self.redis.pipeline(transaction=False) as pipe:
-            pipe.lrange(keys.history, 0, -1)
-            pipe.exists(keys.meta)
-            messages, meta = await pipe.execute()
-        if not messages and not meta:
+    async def read_page(self, keys: SessionKeys, limit: int, before: str | None) -> Page | None:
+        """Up to `limit` stored messages as raw JSON, oldest first, just before the message `before`
+        (or the newest); None when the session does not exist.
+
+        Raises `KeyError` when no stored message has the id `before` (it may have been trimmed).
+        """
+        async with redis_errors(self.on_error):
+            reply = await self.scripts.read_page(keys=[keys.history, keys.meta], args=[limit, before or ""])
+        if reply[0] == 0:
             return None
-        return list(messages)
+        if reply[1] == 0:
+            raise KeyError(before)
+        messages: list[bytes] = list(reply[3])
+        if int(reply[2]) == 0 or not messages:
+            return Page(messages, None)
+        return Page(messages, orjson.loads(messages[0])["id"])
 
     async def delete(self, keys: SessionKeys) -> bool:
         """Forget the session. Deleting the lock too makes an in-flight turn's commit fail its token check."""

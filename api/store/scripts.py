@@ -41,6 +41,7 @@ class Scripts:
     admit: AsyncScript
     settle: AsyncScript
     renew_lease: AsyncScript
+    read_page: AsyncScript
 
     @classmethod
     def register(cls, redis: Client) -> Scripts:

@@ -46,7 +46,10 @@ class StoredMessage(BaseModel):
 
 class SessionHistory(BaseModel):
     session_id: str
-    messages: list[StoredMessage]
+    messages: list[StoredMessage] = Field(description="One page of the history, oldest first.")
+    next_before: str | None = Field(
+        description="Pass it as `before` to read the page of older messages; null on the oldest page."
+    )
 
 
 class NewSession(BaseModel):

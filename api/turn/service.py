@@ -32,7 +32,7 @@ from api.errors import (
 )
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
 from api.store.admission import Admission, Quota, Ticket
-from api.store.history import CommitRefused, CommitUnconfirmed, SessionStore, Snapshot, stored_message
+from api.store.history import CommitRefused, CommitUnconfirmed, Page, SessionStore, Snapshot, stored_message
 from api.store.keys import SessionKeys, session_keys
 from api.store.renewals import Renewer
 from api.store.scripts import ScriptCall, run_together
@@ -44,6 +44,8 @@ from api.upstream.client import Reply, ReplyBroken, Upstream, UpstreamRequest
 log = logging.getLogger("api.turn.service")
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PAGE_LIMIT = re.compile(r"[0-9]{1,6}")
 
 
 def check_session_id(session_id: str) -> str:
@@ -279,11 +281,25 @@ class ChatService:
             if await self.store.create(self.keys(tenant, session_id)):
                 return session_id
 
-    async def history(self, tenant: str, session_id: str) -> list[bytes]:
-        messages = await self.store.read(self.keys(tenant, session_id))
-        if messages is None:
+    async def history(self, tenant: str, session_id: str, limit: str | None, before: str | None) -> Page:
+        """A page of the history, newest page first; `limit` and `before` as the query string gave them."""
+        keys = self.keys(tenant, session_id)
+        most = self.settings.history_page_max
+        if limit is None:
+            size = self.settings.history_page_size
+        elif PAGE_LIMIT.fullmatch(limit) and 1 <= int(limit) <= most:
+            size = int(limit)
+        else:
+            raise InvalidRequest(f"limit must be a whole number from 1 to {most}")
+        if before is not None and not MESSAGE_ID.fullmatch(before):
+            raise InvalidRequest("before must be a message id from this session's history")
+        try:
+            page = await self.store.read_page(keys, size, before)
+        except KeyError:
+            raise InvalidRequest(f"no message {before!r} in this session's history") from None
+        if page is None:
             raise NotFound(f"no session {session_id!r}")
-        return messages
+        return page
 
     async def delete(self, tenant: str, session_id: str) -> None:
         if not await self.store.delete(self.keys(tenant, session_id)):

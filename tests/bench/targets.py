@@ -146,6 +146,7 @@ def service_worker(
         "REDIS_URL": redis_url,
         "ANTHROPIC_BASE_URL": upstream,
         "ANTHROPIC_API_KEY": "bench-key",
+        "CHAT_ALLOW_OPEN_API": "true",
         "CHAT_PORT": "{port}",
         "CHAT_HOST": "127.0.0.1",
         "CHAT_WORKERS": "1",

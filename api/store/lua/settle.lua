@@ -26,7 +26,8 @@ if tokens > 0 and limit > 0 then
   local ttl = redis.call('PTTL', KEYS[1])
   redis.call('PEXPIRE', KEYS[1], math.max(ttl, math.ceil(level / limit) + 1000))
 end
--- A re-send comes within seconds; a window's worth of memory is plenty.
+-- A re-send, or a renewal built before this settle (renew_lease.lua checks this set), comes within
+-- seconds; a window's worth of memory is plenty.
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
 redis.call('PEXPIRE', KEYS[3], window)
