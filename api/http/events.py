@@ -95,12 +95,16 @@ class EventChannel:
                 await beat
 
     async def _heartbeat(self) -> None:
-        while True:
-            wait = self.last + self.interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            else:
-                await self.put(PING)
+        try:
+            while True:
+                wait = self.last + self.interval - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                else:
+                    await self.put(PING)
+        except Exception:
+            # The client is gone (the turn hears it separately) or the server refused the write.
+            log.debug("a heartbeat could not be sent", exc_info=True)
 
 
 class EventStreamResponse(TurnResponse):
