@@ -20,7 +20,8 @@ import pytest
 from api.dev.standin import StandInModel
 from tests.processes import Worker
 
-pytestmark = pytest.mark.slow
+# Node and a server process start under the test: more than the suite's default minute on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 HERE = Path(__file__).resolve().parent / "aisdk"
 
