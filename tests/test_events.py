@@ -48,6 +48,13 @@ def events(raw: str) -> list[tuple[int, Any]]:
     return found
 
 
+def reply_of(raw: str) -> str:
+    """The reply's text, from its `text-delta` events (however the pieces happened to arrive)."""
+    return "".join(
+        data["delta"] for _, data in events(raw) if data != "[DONE]" and data["type"] == "text-delta"
+    )
+
+
 def ui_body(session: str, text: str | None, trigger: str = "submit-message") -> dict[str, Any]:
     messages = [
         {"id": "u0", "role": "user", "parts": [{"type": "text", "text": "an earlier message, not trusted"}]},
@@ -111,7 +118,7 @@ def test_pings_go_out_before_the_first_token(start: StartApp) -> None:
 def test_a_mid_reply_failure_is_one_error_event_and_nothing_is_stored(start: StartApp) -> None:
     live = start()
     response = live.client.post(
-        "/chat/cut/stream", json={"message": "@@deltas=6 @@delay=0.02 @@drop_after=3"}, headers=SSE
+        "/chat/cut/stream", json={"message": "@@deltas=6 @@delay=0.05 @@drop_after=3"}, headers=SSE
     )
     assert response.status_code == 200
     found = events(response.text)  # the stream ends cleanly: the error is in it
@@ -144,7 +151,7 @@ def test_a_session_deleted_mid_reply_ends_in_an_error_event(start: StartApp) -> 
 
     def turn() -> None:
         with live.client.stream(
-            "POST", "/chat/gone/stream", json={"message": "@@deltas=30 @@delay=0.03"}, headers=SSE
+            "POST", "/chat/gone/stream", json={"message": "@@deltas=60 @@delay=0.05"}, headers=SSE
         ) as response:
             text = ""
             for piece in response.iter_text():
@@ -167,7 +174,7 @@ def test_a_session_deleted_mid_reply_ends_in_an_error_event(start: StartApp) -> 
 def test_refusals_before_the_stream_keep_their_status(start: StartApp) -> None:
     live = start()
     with live.client.stream(
-        "POST", "/chat/busy/stream", json={"message": "@@deltas=20 @@delay=0.03"}, headers=SSE
+        "POST", "/chat/busy/stream", json={"message": "@@deltas=40 @@delay=0.05"}, headers=SSE
     ) as slow:
         busy = live.client.post("/chat/busy/stream", json={"message": "meanwhile"}, headers=SSE)
         assert busy.status_code == 409 and busy.json()["error"]["type"] == "session_busy"
@@ -180,13 +187,13 @@ def test_post_chat_takes_the_ai_sdk_body(start: StartApp) -> None:
     live = start()
     first = live.client.post("/chat", json=ui_body("sdk", "hello"))
     assert first.headers["content-type"] == "text/event-stream" and first.headers["x-session-id"] == "sdk"
-    assert [d["delta"] for _, d in events(first.text) if d != "[DONE]" and d["type"] == "text-delta"] == [
-        "echo: hello [turns=1]"
-    ]
+    assert reply_of(first.text) == "echo: hello [turns=1]"
     second = live.client.post("/chat", json=ui_body("sdk", "again"))
-    assert "echo: again [turns=2]" in second.text
+    assert reply_of(second.text) == "echo: again [turns=2]"
     regenerated = live.client.post("/chat", json=ui_body("sdk", None, "regenerate-message"))
-    assert "echo: again [turns=2]" in regenerated.text and "[DONE]" in regenerated.text
+    assert reply_of(regenerated.text) == "echo: again [turns=2]" and regenerated.text.endswith(
+        "data: [DONE]\n\n"
+    )
     assert [m["content"] for m in live.history("sdk")] == [
         "hello",
         "echo: hello [turns=1]",

@@ -91,7 +91,7 @@ for (const [name, make] of [
 ]) {
   const id = `${prefix}-busy-${name}`;
   const slow = make(id);
-  const running = slow.sendMessage({ text: "@@deltas=30 @@delay=0.05" });
+  const running = slow.sendMessage({ text: "@@deltas=60 @@delay=0.05" });
   await waitFor(() => slow.status === "streaming", "the slow reply to stream");
   const busy = make(id);
   await busy.sendMessage({ text: "meanwhile" });
@@ -105,7 +105,7 @@ for (const [name, make] of [
   ["text", text],
 ]) {
   const chat = make(`${prefix}-cut-${name}`);
-  await chat.sendMessage({ text: "@@deltas=6 @@delay=0.02 @@drop_after=3" });
+  await chat.sendMessage({ text: "@@deltas=6 @@delay=0.05 @@drop_after=3" });
   results[`cut_${name}`] = seen(chat);
 }
 
