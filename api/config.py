@@ -102,12 +102,17 @@ class Settings(BaseSettings):
     # The chat page at `/` (api/web/): on under `chat-api dev` and compose, off in production unless asked.
     web_ui: bool = False
 
+    # Clients.
+    cors_origins: CommaList = Field(default_factory=list)
+    sse_heartbeat_seconds: float = Field(15.0, gt=0, le=3600)
+
     @field_validator(
         "allowed_models",
         "api_keys",
         "trusted_proxies",
         "redis_sentinels",
         "redis_cluster_nodes",
+        "cors_origins",
         mode="before",
     )
     @classmethod
@@ -175,6 +180,22 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{proxy!r} is not an IP address or network (CIDR)") from None
         return proxies
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            # The browser sends an origin as scheme://host[:port], nothing more: anything else never matches.
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.netloc
+                or origin != f"{parts.scheme}://{parts.netloc}"
+            ):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com, nor *")
+        return origins
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -6,13 +6,15 @@ ChatError                       a turn (or request) refused before any reply byt
 ├── NotFound              404
 ├── SessionBusy           409   another turn of the session is in flight, on any worker
 ├── RequestTooLarge       413
+├── UnsupportedMediaType  415   a chat POST whose body is not declared application/json
 ├── ValidationFailed      422   body is not JSON or has fields of the wrong type
 ├── RateLimited           429
 ├── UpstreamFailed        502   Claude refused the request or failed, after retries
 ├── Unavailable           503   Redis unreachable, Claude overloaded, worker full or draining
 └── UpstreamTimeout       504   no first token in time
 
-StreamFailed                    the reply broke after the 200 went out: the response is cut short
+StreamFailed                    the reply broke after the 200 went out: a text reply is cut short,
+                                an event stream ends with an `error` event
 StreamAborted                   raised to the server so that it drops the connection without the final chunk
 """
 
@@ -68,6 +70,11 @@ class RequestTooLarge(ChatError):
     type = "request_too_large"
 
 
+class UnsupportedMediaType(ChatError):
+    status = 415
+    type = "unsupported_media_type"
+
+
 class ValidationFailed(ChatError):
     status = 422
     type = "validation_error"
@@ -108,10 +115,14 @@ class UpstreamTimeout(ChatError):
 class StreamFailed(Exception):
     """The reply cannot be completed once streaming began; `outcome` says whose fault it was."""
 
-    def __init__(self, reason: str, outcome: Outcome = Outcome.UPSTREAM_ERROR) -> None:
+    def __init__(
+        self, reason: str, outcome: Outcome = Outcome.UPSTREAM_ERROR, error_type: str = "upstream_error"
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.outcome = outcome
+        # The error type the HTTP status would have carried, for a stream that can still say so (SSE).
+        self.error_type = error_type
 
 
 class StreamAborted(Exception):

@@ -109,6 +109,9 @@ async def test_a_resent_admission_or_settlement_counts_once(admission_for: Calla
     assert (await admission.admit("k")).allowed  # 60 of 100 tokens used, not 120
 
 
+JSON_BODY = {"content-type": "application/json"}
+
+
 def test_every_chat_response_carries_the_request_limit(live_app: StartApp) -> None:
     app = live_app(rate_limit_requests=3, max_body_bytes=1024)
     first = app.chat("h", "one")
@@ -121,8 +124,8 @@ def test_every_chat_response_carries_the_request_limit(live_app: StartApp) -> No
     # Refused before admission (nothing taken): the headers still tell where the caller stands.
     for response in (
         app.client.post("/chat/h/stream", json={"message": ""}),
-        app.client.post("/chat/h/stream", content=b"{not json"),
-        app.client.post("/chat/h/stream", content=b"x" * 2000),
+        app.client.post("/chat/h/stream", content=b"{not json", headers=JSON_BODY),
+        app.client.post("/chat/h/stream", content=b"x" * 2000, headers=JSON_BODY),
     ):
         assert response.status_code in (400, 413, 422)
         assert limit_headers(response)[:2] == (3, 0)

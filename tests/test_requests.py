@@ -95,9 +95,14 @@ async def test_bad_requests_get_the_documented_status(
     assert [(r.outcome, r.status) for r in reports] == [(Outcome.REJECTED, status)]
 
 
+JSON_BODY = {"content-type": "application/json"}
+
+
 async def test_a_body_that_is_not_json_is_422(client: tuple[httpx.AsyncClient, list[TurnReport]]) -> None:
     http, _ = client
-    body = assert_error(await http.post("/chat/stream", content=b"{not json"), 422, "validation_error")
+    body = assert_error(
+        await http.post("/chat/stream", content=b"{not json", headers=JSON_BODY), 422, "validation_error"
+    )
     assert "JSON" in body["error"]["message"]
 
 
@@ -106,13 +111,15 @@ async def test_an_oversized_body_is_413_with_or_without_a_length(
 ) -> None:
     http, _ = client
     big = b'{"message": "' + b"x" * 4000 + b'"}'
-    assert_error(await http.post("/chat/stream", content=big), 413, "request_too_large")
+    assert_error(await http.post("/chat/stream", content=big, headers=JSON_BODY), 413, "request_too_large")
 
     async def chunked() -> AsyncIterator[bytes]:
         for _ in range(10):
             yield b"x" * 1000
 
-    assert_error(await http.post("/chat/stream", content=chunked()), 413, "request_too_large")
+    assert_error(
+        await http.post("/chat/stream", content=chunked(), headers=JSON_BODY), 413, "request_too_large"
+    )
 
 
 async def test_unknown_paths_and_methods_use_the_error_shape(

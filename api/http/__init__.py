@@ -2,6 +2,7 @@
 
 Only this layer speaks HTTP or imports FastAPI and Starlette. It may import everything below it
 (`turn`, `store`, `upstream`) and `ops`; nothing below imports it.
-Performance plumbing: `protocol.py` (a turn hears its client leave without a task per stream) and the
-chat fast path in `app.py` (`ChatAPI`).
+A turn's reply is `streaming.py` (plain text) or `events.py` (Server-Sent Events, the AI SDK's UI
+message stream). Performance plumbing: `protocol.py` (a turn hears its client leave without a task per
+stream) and the chat dispatcher in `app.py` (`ChatAPI`, `ChatDispatch`), inside the middleware.
 """

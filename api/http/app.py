@@ -13,12 +13,15 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.config import Settings
 from api.errors import ChatError, StreamAborted, ValidationFailed
 from api.http.auth import Authenticator
-from api.http.routes import error_response, json_error, router, serve_turn
+from api.http.protocol import CLIENT_WRITER
+from api.http.routes import FROM_BODY, error_response, json_error, router, serve_turn
 from api.http.state import AppState
 from api.http.streaming import RAW_SEND
 from api.http.web import web_router
@@ -38,6 +41,25 @@ log = logging.getLogger("api")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+CORS_METHODS = ["GET", "POST", "DELETE"]
+CORS_REQUEST_HEADERS = [
+    "content-type",
+    "authorization",
+    "x-api-key",
+    "x-request-id",
+    "idempotency-key",
+    "last-event-id",
+]
+CORS_EXPOSED_HEADERS = [
+    "X-Session-Id",
+    "X-Request-Id",
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "Idempotent-Replayed",
+]
 
 
 def create_app(
@@ -111,6 +133,15 @@ def create_app(
     if settings.web_ui:
         app.include_router(web_router())
     app.add_middleware(RequestIdMiddleware)
+    if settings.cors_origins:
+        # Outermost, so that a preflight is answered before anything else runs.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+        )
 
     @app.exception_handler(ChatError)
     async def chat_error(request: Request, exc: ChatError) -> Response:
@@ -140,33 +171,61 @@ def create_app(
 
 
 class ChatAPI(FastAPI):
-    """FastAPI, with the two chat routes served straight from here.
+    """FastAPI, with chat POSTs served by a lean dispatcher that sits where the router would.
 
-    A turn is the one request a deployment serves hundreds of times a second, and FastAPI's routing,
-    dependency solving and middleware layers cost about as much as the rest of a turn together.
-    The routes stay declared (the OpenAPI schema and every other path go through FastAPI as usual);
-    a chat POST runs the same handler (`api.http.routes.serve_turn`) without the layers in between.
+    A turn is the one request a deployment serves hundreds of times a second, and FastAPI's routing
+    and dependency solving cost about as much as the rest of a turn together. So `ChatDispatch` is
+    the innermost of the middleware (the app's own, CORS, and any an embedder adds): they all see
+    every chat POST, which then runs the same handler as the routes (`api.http.routes.serve_turn`)
+    without the router. The routes stay declared, for the OpenAPI schema.
+
+    A reply's chunks may skip the middleware's `send` wrappers (`RAW_SEND`, `CLIENT_WRITER`): only
+    while every middleware is one known to look at nothing but a response's start.
     """
 
+    _direct = True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[RAW_SEND] = send
+        if self._direct:
+            scope[RAW_SEND] = send
+        else:
+            scope.pop(CLIENT_WRITER, None)
+        await super().__call__(scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        own = self.user_middleware
+        self._direct = all(entry.cls in START_ONLY for entry in own)
+        # Innermost of the user's middleware, inside everything an embedder added.
+        self.user_middleware = [*own, Middleware(ChatDispatch)]
+        try:
+            return super().build_middleware_stack()
+        finally:
+            self.user_middleware = own
+
+
+class ChatDispatch:
+    """Serves a chat POST straight away; hands everything else on to the rest of the stack."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and "app" in scope.get("state", ()):
             session_id = chat_path(scope["path"])
             if session_id is not None:
-                rid = assign_request_id(scope)
-                token = REQUEST_ID.set(rid)
-                try:
-                    await serve_turn(scope, receive, send, rid, session_id or None)
-                finally:
-                    REQUEST_ID.reset(token)
+                rid = scope.get("state", {}).get("request_id") or assign_request_id(scope)
+                await serve_turn(scope, receive, send, rid, session_id)
                 return
-        await super().__call__(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def chat_path(path: str) -> str | None:
-    """ "" for the one-shot route, the session id for a session's route, None for anything else."""
+    """ "" for the one-shot route, FROM_BODY for `POST /chat`, the session id for a session's route,
+    None for anything else."""
     if path == "/chat/stream":
         return ""
+    if path == "/chat":
+        return FROM_BODY
     if path.startswith("/chat/") and path.endswith("/stream"):
         session_id = path[6:-7]
         if session_id and "/" not in session_id:
@@ -216,6 +275,10 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
+
+
+# Middleware that only reads or adds to a response's start: a reply's chunks may go around them.
+START_ONLY: frozenset[Any] = frozenset({RequestIdMiddleware, CORSMiddleware})
 
 
 def settle_heap() -> None:

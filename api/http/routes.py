@@ -18,13 +18,16 @@ from starlette.types import Message, Receive, Scope, Send
 from api.errors import (
     AuthenticationFailed,
     ChatError,
+    InvalidRequest,
     RequestTooLarge,
     StreamAborted,
     Unavailable,
+    UnsupportedMediaType,
     ValidationFailed,
     error_body,
 )
 from api.http.auth import Caller
+from api.http.events import EventStreamResponse, wants_events
 from api.http.state import AppState
 from api.http.streaming import TurnResponse
 from api.ops.metrics import CONTENT_TYPE
@@ -33,6 +36,9 @@ from api.turn.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
 from api.turn.service import SESSION_ID, ChatService, TurnRequest, check_session_id
 
 log = logging.getLogger("api")
+
+# The session id of `POST /chat`, which its body names (as the AI SDK sends it).
+FROM_BODY = "\x00body"
 
 
 def app_state(request: Request) -> AppState:
@@ -107,6 +113,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         404: "No such session",
         409: "Another turn of this session is in flight",
         413: "Message or body too large",
+        415: "The body is not declared as application/json",
         422: "Body is not JSON or has fields of the wrong type",
         429: "Rate limited",
         502: "Claude failed",
@@ -114,8 +121,26 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         504: "No first token in time",
     }.items()
 }
+_EVENT_STREAM = {
+    "schema": {"type": "string"},
+    "description": "Sent for `Accept: text/event-stream`: the AI SDK's UI message stream (v1). "
+    "Events `start`, `text-start`, `text-delta`..., `text-end`, `finish`, then `data: [DONE]`; "
+    "`: ping` comments while quiet; a failure is one `error` event (`errorText`, `errorType`) and "
+    "no `[DONE]`. Each event's `id` is the reply's length in characters so far.",
+}
+_TEXT = {
+    "schema": {"type": "string"},
+    "description": "The reply's text as it is generated. A reply that fails midway is cut short: "
+    "the connection closes without the final chunk.",
+}
 _STREAM: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "The reply, streamed"}
+    200: {
+        "content": {"text/plain": _TEXT, "text/event-stream": _EVENT_STREAM},
+        "description": "The reply, streamed",
+    }
+}
+_EVENTS: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": _EVENT_STREAM}, "description": "The reply, as events"}
 }
 _CHAT_BODY = {
     "requestBody": {
@@ -171,6 +196,20 @@ _PAGE_PARAMETERS = {
         },
     ]
 }
+
+
+@router.post(
+    "/chat",
+    response_class=Response,
+    responses={**_EVENTS, **_ERRORS},
+    openapi_extra=_CHAT_BODY,
+    summary="One turn of the conversation the body's `id` names, as the AI SDK's `DefaultChatTransport` sends it",
+    description="The body is the AI SDK's: `{id, messages, trigger, messageId?}`. The message is the text "
+    "of the last user message in `messages` (the server keeps the history); `trigger: regenerate-message` "
+    "regenerates the last reply. The reply is always an event stream.",
+)
+async def chat_from_body(request: Request, chat: ChatDep, key: KeyDep, rid: RequestIdDep) -> Response:
+    return await _turn(request, chat, key, rid, FROM_BODY)
 
 
 @router.get(
@@ -249,7 +288,7 @@ async def serve_turn(scope: Scope, receive: Receive, send: Send, rid: str, sessi
         await send(message)
 
     try:
-        response = await _turn(request, app_state(request).chat, key_of(request), rid, session_id)
+        response = await _turn(request, app_state(request).chat, key_of(request), rid, session_id or None)
         await response(scope, receive, tracked)
     except StreamAborted:
         raise  # the server must see it, to drop the connection without the final chunk
@@ -273,6 +312,9 @@ def key_of(request: Request) -> str | None:
 async def _turn(
     request: Request, chat: ChatService, key: str | None, rid: str, session_id: str | None
 ) -> Response:
+    from_body = session_id == FROM_BODY
+    if from_body:
+        session_id = None
     # The turn's log line names its session only once the id has passed the check.
     report = TurnReport(request_id=rid)
     chat.start(report)
@@ -280,11 +322,18 @@ async def _turn(
     try:
         if app_state(request).draining:
             raise Unavailable("this worker is shutting down; retry and another will serve you", retry_after=1)
+        check_media_type(request.headers.get("content-type"))
         who = identify(request, key)
         report.tenant = who.tenant
         if session_id is not None:
             report.session_id = check_session_id(session_id)
         body = await read_chat_body(request, chat.settings.max_body_bytes)
+        if from_body:
+            if body.id is None or not SESSION_ID.fullmatch(body.id):
+                raise InvalidRequest(
+                    "id must be the session id: 1-128 characters of A-Z, a-z, 0-9, '_' or '-'"
+                )
+            session_id = report.session_id = body.id
     except ChatError as exc:
         report.outcome, report.status, report.error_type, report.detail = (
             exc.outcome,
@@ -309,7 +358,18 @@ async def _turn(
     headers = [(b"x-request-id", rid.encode())]
     if session_id is not None:
         headers.append((b"x-session-id", session_id.encode()))
-    return TurnResponse(chat, TurnRequest(who.tenant, session_id, body, who.subject), report, headers)
+    turn = TurnRequest(who.tenant, session_id, body, who.subject)
+    if from_body or wants_events(request.headers.get("accept")):
+        return EventStreamResponse(chat, turn, report, headers)
+    return TurnResponse(chat, turn, report, headers)
+
+
+def check_media_type(content_type: str | None) -> None:
+    """A chat body must be declared JSON. That also stops a cross-site page from starting turns with
+    a `text/plain` POST, which a browser sends without asking the server first."""
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType("a chat request's Content-Type must be application/json")
 
 
 async def read_chat_body(request: Request, limit: int) -> ChatRequest:

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+
+class UIMessagePart(BaseModel):
+    """One part of an AI SDK `UIMessage`; only text parts make the message, other kinds are skipped."""
+
+    model_config = ConfigDict(strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class UIMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    id: str | None = None
+    role: str
+    parts: list[UIMessagePart] = Field(default_factory=list)
 
 
 class ChatRequest(BaseModel):
@@ -25,6 +44,37 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(
         None, description="0 to 1.", json_schema_extra={"minimum": 0, "maximum": 1}
     )
+    # The AI SDK's own body (`DefaultChatTransport`, `TextStreamChatTransport`). The server keeps the
+    # history, so of `messages` only the last user message is read: earlier ones are not trusted.
+    id: str | None = Field(None, description="AI SDK: the chat id, which is the session id on POST /chat.")
+    messages: list[UIMessage] | None = Field(
+        None, description="AI SDK: the chat's messages; the text parts of the last user message are sent."
+    )
+    trigger: Literal["submit-message", "regenerate-message"] | None = Field(
+        None, description="AI SDK: `regenerate-message` regenerates the last reply."
+    )
+    message_id: str | None = Field(
+        None,
+        validation_alias=AliasChoices("messageId", "message_id"),
+        description="AI SDK: the id of the message regenerated; not used.",
+    )
+
+    @model_validator(mode="after")
+    def _from_ui_messages(self) -> ChatRequest:
+        if self.messages is None:
+            return self
+        if self.message is not None or self.regenerate:
+            raise ValueError("send either message or regenerate, or the AI SDK's messages and trigger")
+        if self.trigger == "regenerate-message":
+            self.regenerate = True
+            return self
+        for ui_message in reversed(self.messages):
+            if ui_message.role == "user":
+                self.message = "".join(
+                    part.text for part in ui_message.parts if part.type == "text" and part.text
+                )
+                break
+        return self
 
 
 class ErrorDetail(BaseModel):

@@ -112,6 +112,7 @@ class Turn:
         "keys",
         "regenerate",
         "reply",
+        "reply_id",
         "report",
         "snapshot",
         "user_text",
@@ -144,6 +145,7 @@ class Turn:
         self._parts: bytearray | None = bytearray(first) if keys is not None else None
         self._done: asyncio.Future[None] | None = None
         self._write: Callable[[bytes], None] | None = None
+        self.reply_id: str | None = None  # the stored reply's id, when the client was already told it
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The rest of the reply, pulled. Raises `StreamFailed` if it cannot be completed."""
@@ -155,7 +157,7 @@ class Turn:
                 self._take(chunk)
                 yield chunk
                 if self.hold.lost:  # the commit would be refused: stop paying for the reply now
-                    raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR)
+                    raise StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR, "session_busy")
         except ReplyBroken as exc:
             self.report.upstream_error = exc.kind
             raise StreamFailed(exc.reason) from exc
@@ -188,7 +190,9 @@ class Turn:
         assert self._write is not None
         self._write(chunk)
         if self.hold.lost:
-            self._ended(None, StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR))
+            self._ended(
+                None, StreamFailed("the session lock was lost", Outcome.UNKNOWN_ERROR, "session_busy")
+            )
 
     def _ended(self, broken: ReplyBroken | None, failed: StreamFailed | None = None) -> None:
         done, self._done, self._write = self._done, None, None
@@ -216,11 +220,12 @@ class Turn:
         if not self.regenerate:
             messages.append(
                 stored_message(
-                    _message_id(), "user", self.user_text, snapshot.now_ms, estimate_tokens(self.user_text)
+                    message_id(), "user", self.user_text, snapshot.now_ms, estimate_tokens(self.user_text)
                 )
             )
         output_tokens = self.reply.decoder.output_tokens or estimate_tokens(reply_text)
-        messages.append(stored_message(_message_id(), "assistant", reply_text, reply_ms, output_tokens))
+        reply_id = self.reply_id or message_id()
+        messages.append(stored_message(reply_id, "assistant", reply_text, reply_ms, output_tokens))
         # The turn's limits are settled in the commit's round trip: one fewer on every turn.
         ticket = self.hold.ticket
         also = [] if ticket is None else [self._service.admission.settle_call(ticket, self.hold.tokens())]
@@ -230,15 +235,15 @@ class Turn:
                 self.keys, snapshot, snapshot.lock.token, messages, replace_last=self.regenerate, also=also
             )
         except CommitRefused as exc:
-            raise StreamFailed(exc.reason, Outcome.UNKNOWN_ERROR) from exc
+            raise StreamFailed(exc.reason, Outcome.UNKNOWN_ERROR, "session_busy") from exc
         except CommitUnconfirmed as exc:
             # Stored on the primary, but a failover could still lose it: the reply ends without its
             # final chunk, so the client sends the turn again rather than trust a turn that may vanish.
             if ticket is not None and exc.results and not isinstance(exc.results[0], Exception):
                 ticket.settled = True
-            raise StreamFailed(str(exc), Outcome.UNKNOWN_ERROR) from exc
+            raise StreamFailed(str(exc), Outcome.UNKNOWN_ERROR, "unavailable") from exc
         except ChatError as exc:
-            raise StreamFailed(exc.message, Outcome.UNKNOWN_ERROR) from exc
+            raise StreamFailed(exc.message, Outcome.UNKNOWN_ERROR, exc.type) from exc
         self.report.committed = True
         if ticket is not None and not isinstance(settled[0], Exception):
             ticket.settled = True
@@ -249,6 +254,67 @@ class Turn:
         self.report.input_tokens = decoder.input_tokens
         self.report.output_tokens = decoder.output_tokens
         await self._service.release(self.hold)
+
+
+class Admitted:
+    """A turn admitted and holding its session's lock, whose reply has not been asked for yet."""
+
+    __slots__ = (
+        "_service",
+        "begun",
+        "hold",
+        "keys",
+        "regenerate",
+        "report",
+        "request",
+        "started",
+        "user_text",
+    )
+
+    def __init__(
+        self,
+        service: ChatService,
+        report: TurnReport,
+        hold: Hold,
+        request: UpstreamRequest,
+        keys: SessionKeys | None,
+        user_text: str,
+        regenerate: bool,
+        started: float,
+        begun: float,
+    ) -> None:
+        self._service = service
+        self.report = report
+        self.hold = hold
+        self.request = request
+        self.keys = keys
+        self.user_text = user_text
+        self.regenerate = regenerate
+        self.started = started
+        self.begun = begun
+
+    async def open(self) -> Turn:
+        """Ask for the reply and wait for its first text. On failure raises `ChatError`, having given
+        back everything the turn held."""
+        service, hold, report = self._service, self.hold, self.report
+        try:
+            async with asyncio.timeout(service.settings.upstream_timeout_seconds):
+                first = await service._first_text(self.request, hold, report)
+            hold.relayed = len(first)
+            report.first_token_seconds = time.monotonic() - self.started
+            return Turn(service, report, hold, first, self.keys, self.user_text, self.regenerate, self.begun)
+        except TimeoutError as exc:
+            await service.release(hold)
+            report.upstream_error = "timeout"
+            raise UpstreamTimeout("Claude sent nothing in time") from exc
+        except BaseException as exc:
+            if isinstance(exc, ChatError) and exc.upstream_error is not None:
+                report.upstream_error = exc.upstream_error
+            if hold.reply is not None:
+                report.input_tokens = hold.reply.decoder.input_tokens
+                report.output_tokens = hold.reply.decoder.output_tokens
+            await service.release(hold)
+            raise
 
 
 class ChatService:
@@ -310,6 +376,12 @@ class ChatService:
     async def open_turn(self, request: TurnRequest, report: TurnReport) -> Turn:
         """Everything before the 200: on failure raises `ChatError`, holding nothing. The request's
         body is taken from it: the turn keeps what it needs, and an open stream not the rest."""
+        admitted = await self.admit_turn(request, report)
+        return await admitted.open()
+
+    async def admit_turn(self, request: TurnRequest, report: TurnReport) -> Admitted:
+        """The turn's first half: validated, admitted, the session locked and its context built. On
+        failure raises `ChatError`, holding nothing; else `Admitted.open()` asks for the reply."""
         started = time.monotonic()
         body, request.body = request.body, None
         assert body is not None, "a turn request is opened once"
@@ -343,24 +415,12 @@ class ChatService:
                 history = history[:-2]
             budget = self.settings.context_max_tokens - estimate_tokens(upstream_request.system or "")
             upstream_request.messages = build_context(history, user_text, budget)
-
-            async with asyncio.timeout(self.settings.upstream_timeout_seconds):
-                first = await self._first_text(upstream_request, hold, report)
-            hold.relayed = len(first)
-            report.first_token_seconds = time.monotonic() - started
-            return Turn(self, report, hold, first, keys, user_text, body.regenerate, begun)
-        except TimeoutError as exc:
-            await self.release(hold)
-            report.upstream_error = "timeout"
-            raise UpstreamTimeout("Claude sent nothing in time") from exc
-        except BaseException as exc:
-            if isinstance(exc, ChatError) and exc.upstream_error is not None:
-                report.upstream_error = exc.upstream_error
-            if hold.reply is not None:
-                report.input_tokens = hold.reply.decoder.input_tokens
-                report.output_tokens = hold.reply.decoder.output_tokens
+        except BaseException:
             await self.release(hold)
             raise
+        return Admitted(
+            self, report, hold, upstream_request, keys, user_text, body.regenerate, started, begun
+        )
 
     async def _first_text(self, request: UpstreamRequest, hold: Hold, report: TurnReport) -> bytes:
         """Open the reply and wait for its first text. A reply that fails before any text reached the
@@ -493,5 +553,6 @@ def first_text_error(exc: ReplyBroken) -> ChatError:
     return UpstreamFailed(f"Claude failed before replying: {exc.reason}", upstream_error=exc.kind)
 
 
-def _message_id() -> str:
+def message_id() -> str:
+    """A new id for a stored message."""
     return "msg_" + secrets.token_hex(12)
