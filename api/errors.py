@@ -7,6 +7,7 @@ ChatError                       a turn (or request) refused before any reply byt
 ├── SessionBusy           409   another turn of the session is in flight, on any worker
 ├── RequestTooLarge       413
 ├── ValidationFailed      422   body is not JSON or has fields of the wrong type
+├── IdempotencyMismatch   422   an Idempotency-Key sent again with another body
 ├── RateLimited           429
 ├── UpstreamFailed        502   Claude refused the request or failed, after retries
 ├── Unavailable           503   Redis unreachable, Claude overloaded, worker full or draining
@@ -71,6 +72,11 @@ class RequestTooLarge(ChatError):
 class ValidationFailed(ChatError):
     status = 422
     type = "validation_error"
+
+
+class IdempotencyMismatch(ChatError):
+    status = 422
+    type = "idempotency_mismatch"
 
 
 class RateLimited(ChatError):

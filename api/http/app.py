@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.config import Settings
 from api.errors import ChatError, StreamAborted, ValidationFailed
 from api.http.auth import Authenticator
+from api.http.resume import router as resume_router
 from api.http.routes import error_response, json_error, router, serve_turn
 from api.http.state import AppState
 from api.http.streaming import RAW_SEND
@@ -80,6 +81,7 @@ def create_app(
             else None
         )
         chat = ChatService(settings, store, upstream, recorder, admission, slots)
+        await chat.start_listening()
         state = AppState(settings, client, chat, auth, metrics)
         app.state.current = state
         drain = Drain(state, recorder, settings.drain_seconds)
@@ -90,6 +92,7 @@ def create_app(
             yield {"app": state}
         finally:
             drain.uninstall()
+            await chat.stop_listening()
             await chat.renewer.aclose()
             await upstream.aclose()
             if redis is None:
@@ -104,6 +107,7 @@ def create_app(
     )
     app.state.recorder = recorder
     app.include_router(router)
+    app.include_router(resume_router)
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ChatError)

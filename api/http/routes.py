@@ -25,6 +25,7 @@ from api.errors import (
     error_body,
 )
 from api.http.auth import Caller
+from api.http.idempotency import idempotency_key
 from api.http.state import AppState
 from api.http.streaming import TurnResponse
 from api.ops.metrics import CONTENT_TYPE
@@ -251,6 +252,7 @@ async def _turn(
             raise Unavailable("this worker is shutting down; retry and another will serve you", retry_after=1)
         who = identify(request, key)
         report.tenant = who.tenant
+        idempotency = idempotency_key(request)
         body = await read_chat_body(request, chat.settings.max_body_bytes)
     except ChatError as exc:
         report.outcome, report.status, report.error_type, report.detail = (
@@ -276,7 +278,8 @@ async def _turn(
     headers = [(b"x-request-id", rid.encode())]
     if session_id is not None:
         headers.append((b"x-session-id", session_id.encode()))
-    return TurnResponse(chat, TurnRequest(who.tenant, session_id, body, who.subject), report, headers)
+    turn = TurnRequest(who.tenant, session_id, body, who.subject, idempotency_key=idempotency)
+    return TurnResponse(chat, turn, report, headers)
 
 
 async def read_chat_body(request: Request, limit: int) -> ChatRequest:

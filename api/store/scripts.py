@@ -36,6 +36,10 @@ class Scripts:
     admit: AsyncScript
     settle: AsyncScript
     renew_lease: AsyncScript
+    attach_reader: AsyncScript
+    append_reply: AsyncScript
+    claim_turn: AsyncScript
+    release_claim: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
