@@ -315,3 +315,37 @@ def test_a_failed_turn_gives_its_key_back(pair: list[Worker], session: str, lock
     assert retry.status_code == 200
     assert "idempotent-replayed" not in retry.headers
     assert history(b, session)[-1] == retry.text
+
+
+def test_the_turn_report_says_whether_a_turn_was_resumed_or_replayed(live_app: Any) -> None:
+    app = live_app(disconnect_grace_seconds=GRACE)
+    sock = app.send_chat("/chat/rep/stream", SLOW)
+    assert b"200 OK" in sock.recv(4096)
+    sock.close()  # the client leaves mid-reply
+    resumed = app.client.get("/chat/rep/stream")
+    assert resumed.status_code == 200
+    reports = app.wait_reports(1)
+    assert (reports[0].outcome, reports[0].committed, reports[0].resumed) == ("success", True, True)
+    assert app.history("rep")[-1]["content"] == resumed.text
+
+    sock = app.send_chat("/chat/gone/stream", "@@deltas=200 @@delay=0.05")
+    assert b"200 OK" in sock.recv(4096)
+    sock.close()
+    reports = app.wait_reports(2, timeout=GRACE + 3)
+    assert (reports[1].outcome, reports[1].resumed) == ("client_disconnected_while_streaming", False)
+    assert app.history("gone") == []
+
+    first = app.client.post("/chat/idem/stream", json={"message": "hi"}, headers={"idempotency-key": "a"})
+    again = app.client.post("/chat/idem/stream", json={"message": "hi"}, headers={"idempotency-key": "a"})
+    assert first.text == again.text
+    reports = app.wait_reports(4)
+    assert (reports[2].replayed, reports[3].replayed) == (False, True)
+    assert reports[3].input_tokens == reports[3].output_tokens == 0
+
+
+def test_with_the_reply_log_off_nothing_is_resumed(live_app: Any) -> None:
+    app = live_app(reply_log="off")
+    sock = app.send_chat("/chat/off/stream", "@@deltas=20 @@delay=0.05")
+    assert b"200 OK" in sock.recv(4096)
+    assert app.client.get("/chat/off/stream").status_code == 204
+    sock.close()

@@ -320,6 +320,8 @@ class ChatService:
                 await task
 
     def reader_asked(self, token: str) -> None:
+        if self.settings.reply_log == "off":
+            return
         hold = self.live.get(token)
         if hold is None or hold.tap is not None or hold.keys is None:
             return
@@ -332,6 +334,8 @@ class ChatService:
     async def follow(self, tenant: str, session_id: str, offset: int) -> Follower | None:
         """A reader of the session's turn in flight, from `offset` characters; None when none is."""
         keys = self.keys(tenant, session_id)
+        if self.settings.reply_log == "off":
+            return None
         async with redis_errors(self.store.on_error):
             token = await self.replies.attach(keys)
             if token is None:
@@ -498,6 +502,8 @@ class ChatService:
         if hold.snapshot is None:
             raise SessionBusy("another turn of this session is in progress; retry when it ends")
         self.live[token] = hold
+        if self.settings.reply_log == "always":
+            self.reader_asked(token)
         return None
 
     async def quota(self, subject: str) -> Quota | None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.bench import measure, report
+from tests.bench import measure, report, resume
 from tests.bench.measure import Load, Others, Shape, Target
 from tests.bench.redis_meter import RedisMeter, server_calls
 from tests.bench.targets import Cores, Process, redis_for_bench, service_worker, standin, tutorial_worker
@@ -114,11 +114,15 @@ def main(argv: list[str] | None = None) -> None:
                 }
             log("Redis per turn")
             results["redis"] = redis_phase(load, cores, logs, redis.url, model.url, quick)
+            log("resumable replies: off, on demand, always")
+            results["resume"] = resume.resume_phase(
+                load, cores, logs, redis.url, model.url, shape, fixed, others, quick, log
+            )
         check_load_side(results, notes)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = report.markdown(results)
+    table = report.markdown(results) + "\n" + resume.markdown(results["resume"])
     (args.out / "results.md").write_text(table)
     report.plot(results, args.out / "sweep.png")
     print(table)
