@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.config import Settings
@@ -124,6 +125,10 @@ def create_app(
         response = error_response(exc.status_code, type_, str(exc.detail), _rid(request))
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; a path served by two
+            # routes (POST and GET /chat/{id}/stream) allows the methods of both.
+            response.headers["allow"] = ", ".join(allowed_methods(request))
         return response
 
     @app.exception_handler(Exception)
@@ -183,6 +188,15 @@ def assign_request_id(scope: Scope) -> str:
     rid = rid or uuid.uuid4().hex
     scope.setdefault("state", {})["request_id"] = rid
     return rid
+
+
+def allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _rid(request: Request) -> str | None:

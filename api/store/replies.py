@@ -141,8 +141,8 @@ class ReplyLogs:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                if self.on_error is not None:
-                    self.on_error()
+                # Not counted as a Redis error: the metric counts what requests met, and a reader
+                # meets this one only as a second's delay.
                 log.warning("lost the subscription for resumed replies; subscribing again", exc_info=True)
                 await asyncio.sleep(1.0)
             finally:
