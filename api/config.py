@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     history_page_max: int = Field(200, ge=1)  # the largest limit a history read may ask for
     context_max_tokens: int = Field(100_000, ge=1)
     lock_ttl_seconds: float = Field(30.0, gt=0)
+    # Resumed replies and idempotent turns (docs/resume.md).
+    # on_demand: a reply is written to Redis once a reader asks for it; always: every reply, from its
+    # first text; off: never (the resume GET answers 204, an idempotent repeat waits for the commit).
+    reply_log: Literal["on_demand", "always", "off"] = "on_demand"
+    disconnect_grace_seconds: float = Field(0.0, ge=0, le=3600)
+    idempotency_ttl_seconds: int = Field(86_400, ge=1, le=30 * 86_400)
     redis_prefix: str = Field("chat", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_timeout_seconds: float = Field(5.0, gt=0)
     redis_max_connections: int = Field(200, ge=1)

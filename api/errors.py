@@ -8,6 +8,7 @@ ChatError                       a turn (or request) refused before any reply byt
 ├── RequestTooLarge       413
 ├── UnsupportedMediaType  415   a chat POST whose body is not declared application/json
 ├── ValidationFailed      422   body is not JSON or has fields of the wrong type
+├── IdempotencyMismatch   422   an Idempotency-Key sent again with another body
 ├── RateLimited           429
 ├── UpstreamFailed        502   Claude refused the request or failed, after retries
 ├── Unavailable           503   Redis unreachable, Claude overloaded, worker full or draining
@@ -78,6 +79,11 @@ class UnsupportedMediaType(ChatError):
 class ValidationFailed(ChatError):
     status = 422
     type = "validation_error"
+
+
+class IdempotencyMismatch(ChatError):
+    status = 422
+    type = "idempotency_mismatch"
 
 
 class RateLimited(ChatError):

@@ -37,6 +37,8 @@ class TurnReport:
     first_token_seconds: float | None = None
     upstream_request_id: str | None = None
     committed: bool = False
+    resumed: bool = False  # its client left, and the turn ran on to its end for a reader who came
+    replayed: bool = False  # a repeat of an idempotent turn: its reply was sent again, nothing ran
     tenant: str | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, object]:

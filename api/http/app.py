@@ -15,12 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.config import Settings
 from api.errors import ChatError, StreamAborted, ValidationFailed
 from api.http.auth import Authenticator
 from api.http.protocol import CLIENT_WRITER
+from api.http.resume import router as resume_router
 from api.http.routes import FROM_BODY, error_response, json_error, router, serve_turn
 from api.http.state import AppState
 from api.http.streaming import RAW_SEND
@@ -106,6 +108,7 @@ def create_app(
             else None
         )
         chat = ChatService(settings, store, upstream, recorder, admission, slots)
+        await chat.start_listening()
         state = AppState(settings, client, chat, auth, metrics)
         app.state.current = state
         drain = Drain(state, recorder, settings.drain_seconds)
@@ -116,6 +119,7 @@ def create_app(
             yield {"app": state}
         finally:
             drain.uninstall()
+            await chat.stop_listening()
             await chat.renewer.aclose()
             await upstream.aclose()
             if redis is None:
@@ -132,6 +136,7 @@ def create_app(
     app.include_router(router)
     if settings.web_ui:
         app.include_router(web_router())
+    app.include_router(resume_router)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         # Outermost, so that a preflight is answered before anything else runs.
@@ -157,6 +162,10 @@ def create_app(
         response = error_response(exc.status_code, type_, str(exc.detail), _rid(request))
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; a path served by two
+            # routes (POST and GET /chat/{id}/stream) allows the methods of both.
+            response.headers["allow"] = ", ".join(allowed_methods(request))
         return response
 
     @app.exception_handler(Exception)
@@ -244,6 +253,15 @@ def assign_request_id(scope: Scope) -> str:
     rid = rid or uuid.uuid4().hex
     scope.setdefault("state", {})["request_id"] = rid
     return rid
+
+
+def allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _rid(request: Request) -> str | None:

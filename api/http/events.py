@@ -16,15 +16,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from api.errors import ChatError, StreamFailed
+from api.http.idempotency import REPLAYED
 from api.http.protocol import CLIENT_WRITER, ClientWriter, unwatch_disconnect, watch_disconnect
 from api.http.streaming import RAW_SEND, TurnResponse, send_error
 from api.outcomes import Outcome
+from api.turn.resume import Duplicate
 from api.turn.service import Admitted, Turn, message_id
 
 log = logging.getLogger("api.turn.service")
@@ -42,6 +44,24 @@ _FINISH_REASONS = {"max_tokens": "length", "refusal": "content-filter"}
 
 def event(chars: int, data: bytes) -> bytes:
     return b"id: %d\ndata: %b\n\n" % (chars, data)
+
+
+async def relay_logged(channel: EventChannel, chunks: AsyncIterator[bytes], *, opening: bool) -> None:
+    """A reply read back from its log (a resumed reply, or a repeat of an idempotent turn) as events:
+    from its start when `opening`, else from the reader's offset, which `channel.chars` holds. Ends
+    with `finish` and `[DONE]` once the turn committed; raises `StreamFailed` when it failed."""
+    if opening:
+        await channel.put(
+            event(channel.chars, b'{"type":"start"}')
+            + event(channel.chars, b'{"type":"text-start","id":%b}' % TEXT_PART)
+        )
+    async for chunk in chunks:
+        await channel.put(channel.delta(chunk))
+    chars = channel.chars
+    end = b'{"type":"text-end","id":%b}' % TEXT_PART
+    # A reader of the log does not learn why the reply stopped; it did stop, whole and committed.
+    finish = b'{"type":"finish","finishReason":"stop"}'
+    await channel.put(event(chars, end) + event(chars, finish) + event(chars, b"[DONE]"), more=False)
 
 
 def wants_events(accept: str | None) -> bool:
@@ -120,15 +140,31 @@ class EventStreamResponse(TurnResponse):
         if not watch_disconnect(scope, self._client_left):
             watcher = asyncio.create_task(self._watch(receive))
         admitted: Admitted | None = None
+        duplicate: Duplicate | None = None
         turn: Turn | None = None
         channel: EventChannel | None = None
         try:
-            admitted = await self.service.admit_turn(self.request, report)
+            opened = await self.service.admit_turn(self.request, report)
+            if isinstance(opened, Duplicate):
+                duplicate = opened
+            else:
+                admitted = opened
             headers = self.extra_headers + EVENT_HEADERS
             if self.request.quota is not None:
                 headers += self.request.quota.headers()
+            if duplicate is not None and duplicate.replayed is not None:
+                headers.append(REPLAYED)
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             writer: ClientWriter | None = scope.get(CLIENT_WRITER)
+            if duplicate is not None:
+                # A repeat runs nothing: the committed reply, or the live one read from its log.
+                report.replayed = True
+                channel = EventChannel(send, None, self.service.settings.sse_heartbeat_seconds)
+                channel.start_heartbeat()
+                await relay_logged(channel, duplicate.chunks(), opening=True)
+                report.outcome, report.status = Outcome.SUCCESS, 200
+                return
+            assert admitted is not None
             channel = EventChannel(
                 scope.get(RAW_SEND, send), writer, self.service.settings.sse_heartbeat_seconds
             )
@@ -213,6 +249,8 @@ class EventStreamResponse(TurnResponse):
                 await self.service.release(admitted.hold)
             if turn is not None:
                 await turn.close()
+            if duplicate is not None:
+                await duplicate.close()
             report.duration_seconds = time.monotonic() - started
             await self.service.finish(report)
 

@@ -28,6 +28,7 @@ from api.errors import (
 )
 from api.http.auth import Caller
 from api.http.events import EventStreamResponse, wants_events
+from api.http.idempotency import idempotency_key
 from api.http.state import AppState
 from api.http.streaming import TurnResponse
 from api.ops.metrics import CONTENT_TYPE
@@ -327,6 +328,7 @@ async def _turn(
         report.tenant = who.tenant
         if session_id is not None:
             report.session_id = check_session_id(session_id)
+        idempotency = idempotency_key(request)
         body = await read_chat_body(request, chat.settings.max_body_bytes)
         if from_body:
             if body.id is None or not SESSION_ID.fullmatch(body.id):
@@ -358,8 +360,9 @@ async def _turn(
     headers = [(b"x-request-id", rid.encode())]
     if session_id is not None:
         headers.append((b"x-session-id", session_id.encode()))
-    turn = TurnRequest(who.tenant, session_id, body, who.subject)
+    turn = TurnRequest(who.tenant, session_id, body, who.subject, idempotency_key=idempotency)
     if from_body or wants_events(request.headers.get("accept")):
+        turn.protocol = "sse"
         return EventStreamResponse(chat, turn, report, headers)
     return TurnResponse(chat, turn, report, headers)
 

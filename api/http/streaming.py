@@ -18,8 +18,11 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from api.errors import ChatError, StoreUnavailable, StreamAborted, StreamFailed
+from api.http.grace import Grace
+from api.http.idempotency import REPLAYED
 from api.http.protocol import CLIENT_WRITER, ClientWriter, unwatch_disconnect, watch_disconnect
 from api.outcomes import Outcome, TurnReport
+from api.turn.resume import Duplicate
 from api.turn.service import ChatService, Turn, TurnRequest
 
 log = logging.getLogger("api.turn.service")
@@ -55,6 +58,7 @@ class TurnResponse(Response):
         self.disconnected = False
         self.cancellable = True
         self._task: asyncio.Task[Any] | None = None
+        self._grace = Grace(service.settings.disconnect_grace_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         report = self.report
@@ -65,7 +69,7 @@ class TurnResponse(Response):
         watcher: asyncio.Task[None] | None = None
         if not watch_disconnect(scope, self._client_left):  # our server calls it; others need a task
             watcher = asyncio.create_task(self._watch(receive))
-        turn: Turn | None = None
+        turn: Turn | Duplicate | None = None
         streaming = False
         abort = False
         try:
@@ -73,30 +77,42 @@ class TurnResponse(Response):
             headers = self.extra_headers + STREAM_HEADERS
             if self.request.quota is not None:
                 headers += self.request.quota.headers()
+            if isinstance(turn, Duplicate):
+                headers.append(REPLAYED)
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             streaming = True
             send_body: Send = scope.get(RAW_SEND, send)
-            await send_body({"type": "http.response.body", "body": turn.first, "more_body": True})
-            writer: ClientWriter | None = scope.get(CLIENT_WRITER)
-            relayed = turn.relay(writer.write) if writer is not None else None
-            if relayed is not None:
-                assert writer is not None
-                writer.watch(turn.throttle)  # a slow client holds the upstream back, not our memory
-                try:
-                    await relayed
-                finally:
-                    writer.watch(None)
-            else:
+            if isinstance(turn, Duplicate):
+                report.replayed = True
                 async for chunk in turn.chunks():
                     await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                self._grace.turn = turn
+                await send_body({"type": "http.response.body", "body": turn.first, "more_body": True})
+                writer: ClientWriter | None = scope.get(CLIENT_WRITER)
+                relayed = turn.relay(writer.write) if writer is not None else None
+                if relayed is not None:
+                    assert writer is not None
+                    writer.watch(turn.throttle)  # a slow client holds the upstream back, not our memory
+                    try:
+                        await relayed
+                    finally:
+                        writer.watch(None)
+                else:
+                    async for chunk in turn.chunks():
+                        await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
             await asyncio.sleep(0)  # let a disconnect that already happened be seen before committing
             if self.disconnected:
-                raise asyncio.CancelledError
+                if not isinstance(turn, Turn) or not self._grace.started:
+                    raise asyncio.CancelledError
+                await turn.reader()  # unless the grace period ends first, and cancels this task
+                report.resumed = True
             # The whole reply is written: from here a disconnect must not interrupt the commit
             # half-way. Commit and unlock before the final chunk, so a client that has read the
             # whole reply can send its next turn at once, to any worker.
             self.cancellable = False
-            await turn.commit()
+            if isinstance(turn, Turn):
+                await turn.commit()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             report.outcome, report.status = Outcome.SUCCESS, 200
         except ChatError as exc:
@@ -131,6 +147,7 @@ class TurnResponse(Response):
                 await send_error(send, ChatError("the server failed; try again"), self.extra_headers)
         finally:
             self.cancellable = False
+            self._grace.cancel()
             if watcher is not None:
                 watcher.cancel()
             else:
@@ -158,8 +175,13 @@ class TurnResponse(Response):
         self._client_left()
 
     def _client_left(self) -> None:
-        """Cancel the turn as soon as the client goes away, so the upstream stream closes at once."""
+        """Cancel the turn as soon as the client goes away, so the upstream stream closes at once;
+        or, with a grace period, once it is over with no reader come for the reply."""
         self.disconnected = True
+        if self.cancellable and self._task is not None and not self._grace.begin(self._cancel):
+            self._task.cancel()
+
+    def _cancel(self) -> None:
         if self.cancellable and self._task is not None:
             self._task.cancel()
 

@@ -22,6 +22,7 @@ from api.errors import StoreUnavailable
 from api.store.keys import SessionKeys
 from api.store.locks import SessionLock
 from api.store.redis import Client
+from api.store.replies import CommitTail
 from api.store.scripts import Confirm, ScriptCall, Scripts, give_back, run_together
 
 COMMIT_RETRY_DELAYS = (0.05, 0.25)  # then one last try
@@ -135,14 +136,19 @@ class SessionStore:
         messages: list[bytes],
         *,
         replace_last: bool,
+        tail: CommitTail | None = None,
         also: Sequence[ScriptCall] = (),
     ) -> list[Any]:
         """Append the turn and release the lock, or raise `CommitRefused` and write nothing.
 
-        `also` runs in the same round trip, whatever the commit's fate; their results (a script's
-        error in its place) are returned when the commit succeeds. With replicas to wait for, a
-        commit they did not confirm in time raises `CommitUnconfirmed`.
+        `tail` says what the same step does for the turn's readers and its idempotency key (by
+        default: a turn that writes no reply log and has no key). `also` runs in the same round trip,
+        whatever the commit's fate; their results (a script's error in its place) are returned when
+        the commit succeeds. With replicas to wait for, a commit they did not confirm in time raises
+        `CommitUnconfirmed`.
         """
+        if tail is None:
+            tail = CommitTail(keys.readers(), keys.reply_log(snapshot.lock.token))
         args: list[str | bytes | int] = [
             snapshot.lock.token,
             snapshot.version,
@@ -150,9 +156,10 @@ class SessionStore:
             self.ttl_ms,
             self.max_messages,
             "1" if replace_last else "0",
+            *tail.args(),
             *messages,
         ]
-        commit = ScriptCall(self.scripts.commit_turn, keys.all(), args)
+        commit = ScriptCall(self.scripts.commit_turn, [*keys.all(), *tail.keys()], args)
         async with redis_errors(self.on_error):
             results = await self._send_commit([commit, *also])
             if isinstance(results[0], RedisError):

@@ -14,6 +14,19 @@ class SessionKeys:
     def all(self) -> tuple[str, str, str]:
         return (self.history, self.meta, self.lock)
 
+    # Keys of a turn in flight, named from the lock's so they share the session's hash tag.
+
+    def reply_log(self, token: str) -> str:
+        """The stream its readers follow (see `replies.py`), one per turn."""
+        return f"{self.lock}:reply:{token}"
+
+    def readers(self) -> str:
+        """Holds the token of the turn that readers are waiting for: its commit writes the log's end."""
+        return f"{self.lock}:readers"
+
+    def idempotency(self, digest: str) -> str:
+        return f"{self.lock[: -len(':lock')]}:idem:{digest}"
+
 
 def session_keys(prefix: str, tenant: str, session_id: str) -> SessionKeys:
     # Tenant and session id never contain braces (both are validated), so the tag is exactly this.

@@ -42,6 +42,10 @@ class Scripts:
     settle: AsyncScript
     renew_lease: AsyncScript
     read_page: AsyncScript
+    attach_reader: AsyncScript
+    append_reply: AsyncScript
+    claim_turn: AsyncScript
+    release_claim: AsyncScript
 
     @classmethod
     def register(cls, redis: Client) -> Scripts:

@@ -8,18 +8,21 @@ which gives back the lock and the upstream connection unless the commit already 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import random
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from api.config import Settings
 from api.errors import (
     ChatError,
+    IdempotencyMismatch,
     InvalidRequest,
     NotFound,
     RateLimited,
@@ -32,11 +35,22 @@ from api.errors import (
 )
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
 from api.store.admission import Admission, Quota, Ticket
-from api.store.history import CommitRefused, CommitUnconfirmed, Page, SessionStore, Snapshot, stored_message
+from api.store.history import (
+    CommitRefused,
+    CommitUnconfirmed,
+    Page,
+    SessionStore,
+    Snapshot,
+    redis_errors,
+    stored_message,
+)
+from api.store.idempotency import Committed, Idempotency, InFlight, Mismatch, record_key
 from api.store.keys import SessionKeys, session_keys
 from api.store.renewals import Renewer
+from api.store.replies import FAILED, CommitTail, ReplyLogs
 from api.store.scripts import ScriptCall, run_together
 from api.turn.context import build_context, estimate_tokens
+from api.turn.resume import Duplicate, Follower, ReplyTap, new_token, protocol_of
 from api.turn.schemas import ChatRequest
 from api.turn.slots import GenerationSlots
 from api.upstream.client import Reply, ReplyBroken, Upstream, UpstreamRequest
@@ -63,6 +77,8 @@ class TurnRequest:
     body: ChatRequest | None  # taken by `ChatService.open_turn`
     subject: str = ""  # whose limits apply; see `api.http.auth.Caller`
     quota: Quota | None = None  # the request limit as admission left it, for the response headers
+    protocol: str = "text"  # what the reply is sent as; a resumed reply is sent the same way
+    idempotency_key: str | None = None
 
 
 @dataclass(slots=True, eq=False)  # compared and hashed by identity: the renewer keeps a set of them
@@ -76,6 +92,12 @@ class Hold:
     relayed: int = 0  # bytes of reply text written: what a reply that ends early cost, at least
     lost: bool = False  # the renewer found the session lock taken by another turn
     admission: Admission | None = None  # whose lease script renews the ticket
+    keys: SessionKeys | None = None
+    claim: str | None = None  # the idempotency record this turn claimed
+    fingerprint: str = ""  # of the request's body, kept with that record
+    tap: ReplyTap | None = None  # writes the reply for readers, once one asked
+    parts: bytearray | None = None  # the reply so far, once it began
+    reader: asyncio.Future[None] | None = None  # resolved when a reader asks
 
     def renewals(self) -> tuple[ScriptCall | None, ScriptCall | None]:
         lock = self.snapshot.lock.renew_call() if self.snapshot is not None else None
@@ -143,6 +165,9 @@ class Turn:
         # Only a session turn needs the text back for its commit: one growing buffer, not an
         # object per delta.
         self._parts: bytearray | None = bytearray(first) if keys is not None else None
+        hold.parts = self._parts
+        if hold.tap is not None and self._parts is not None:  # a reader came before the first text
+            hold.tap.feed(self._parts)
         self._done: asyncio.Future[None] | None = None
         self._write: Callable[[bytes], None] | None = None
         self.reply_id: str | None = None  # the stored reply's id, when the client was already told it
@@ -178,9 +203,24 @@ class Turn:
         self.reply.throttle(paused)
 
     def _take(self, chunk: bytes) -> None:
-        self.hold.relayed += len(chunk)
+        hold = self.hold
+        hold.relayed += len(chunk)
         if self._parts is not None:
             self._parts += chunk
+            if hold.tap is not None:
+                hold.tap.grew()
+
+    @property
+    def followed(self) -> bool:
+        """A reader on some worker asked for this reply."""
+        return self.hold.tap is not None
+
+    async def reader(self) -> None:
+        """Wait until a reader asks for this reply (at once if one has)."""
+        if self.hold.tap is None:
+            if self.hold.reader is None:
+                self.hold.reader = asyncio.get_running_loop().create_future()
+            await self.hold.reader
 
     def _relayed(self, chunk: bytes) -> None:
         done = self._done
@@ -229,10 +269,17 @@ class Turn:
         # The turn's limits are settled in the commit's round trip: one fewer on every turn.
         ticket = self.hold.ticket
         also = [] if ticket is None else [self._service.admission.settle_call(ticket, self.hold.tokens())]
+        tail = await self._service.commit_tail(self.hold, self.keys, snapshot.lock.token)
         self._service.renewer.discard(self.hold)  # the commit releases the lock and the lease itself
         try:
             settled = await store.commit(
-                self.keys, snapshot, snapshot.lock.token, messages, replace_last=self.regenerate, also=also
+                self.keys,
+                snapshot,
+                snapshot.lock.token,
+                messages,
+                replace_last=self.regenerate,
+                tail=tail,
+                also=also,
             )
         except CommitRefused as exc:
             raise StreamFailed(exc.reason, Outcome.UNKNOWN_ERROR, "session_busy") from exc
@@ -335,6 +382,70 @@ class ChatService:
         self.admission = admission
         self.slots = slots
         self.renewer = renewer or Renewer(store.redis, settings.lock_ttl_seconds / 3, store.on_error)
+        lock_ttl_ms = store.lock_ttl_ms
+        self.replies = ReplyLogs(
+            store.redis, store.scripts, settings.redis_prefix, lock_ttl_ms, store.on_error
+        )
+        self.idempotency = Idempotency(store, settings.idempotency_ttl_seconds)
+        # How long a reader waits on the log before it checks that the turn is still in flight.
+        self.follow_block_ms = max(50, min(1000, lock_ttl_ms // 4))
+        self.live: dict[str, Hold] = {}  # this worker's session turns in flight, by lock token
+        self._listener: asyncio.Task[None] | None = None
+
+    # Readers of replies in flight.
+
+    async def start_listening(self) -> None:
+        """Hear readers that ask for a reply this worker produces (until `stop_listening`)."""
+        ready = asyncio.Event()
+        self._listener = asyncio.get_running_loop().create_task(self.replies.listen(self.reader_asked, ready))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.redis_timeout_seconds):
+                await ready.wait()  # else it keeps trying; readers ask again until heard
+
+    async def stop_listening(self) -> None:
+        task, self._listener = self._listener, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def reader_asked(self, token: str) -> None:
+        if self.settings.reply_log == "off":
+            return
+        hold = self.live.get(token)
+        if hold is None or hold.tap is not None or hold.keys is None:
+            return
+        hold.tap = ReplyTap(self.replies, hold.keys.reply_log(token), protocol_of(token))
+        if hold.parts is not None:
+            hold.tap.feed(hold.parts)
+        if hold.reader is not None and not hold.reader.done():
+            hold.reader.set_result(None)
+
+    async def follow(self, tenant: str, session_id: str, offset: int) -> Follower | None:
+        """A reader of the session's turn in flight, from `offset` characters; None when none is."""
+        keys = self.keys(tenant, session_id)
+        if self.settings.reply_log == "off":
+            return None
+        async with redis_errors(self.store.on_error):
+            token = await self.replies.attach(keys)
+            if token is None:
+                return None
+            await self.replies.ask(token)
+        return Follower(self.replies, keys, token, offset, self.follow_block_ms)
+
+    async def commit_tail(self, hold: Hold, keys: SessionKeys, token: str) -> CommitTail:
+        tap, tail = hold.tap, CommitTail(keys.readers(), keys.reply_log(token))
+        if tap is not None:
+            text, size = await tap.finish()
+            tail = CommitTail(tail.readers, tail.log, True, text, size)
+        if hold.claim is not None:
+            tail = replace(
+                tail,
+                idempotency=hold.claim,
+                fingerprint=hold.fingerprint,
+                idempotency_ttl_ms=self.idempotency.ttl_ms,
+            )
+        return tail
 
     def keys(self, tenant: str, session_id: str) -> SessionKeys:
         return session_keys(self.settings.redis_prefix, tenant, check_session_id(session_id))
@@ -373,15 +484,21 @@ class ChatService:
 
     # Turns.
 
-    async def open_turn(self, request: TurnRequest, report: TurnReport) -> Turn:
+    async def open_turn(self, request: TurnRequest, report: TurnReport) -> Turn | Duplicate:
         """Everything before the 200: on failure raises `ChatError`, holding nothing. The request's
-        body is taken from it: the turn keeps what it needs, and an open stream not the rest."""
+        body is taken from it: the turn keeps what it needs, and an open stream not the rest.
+
+        A repeat of a turn sent with the same idempotency key runs nothing: it is a `Duplicate`,
+        which holds what admission gave it until it is closed."""
         admitted = await self.admit_turn(request, report)
+        if isinstance(admitted, Duplicate):
+            return admitted
         return await admitted.open()
 
-    async def admit_turn(self, request: TurnRequest, report: TurnReport) -> Admitted:
+    async def admit_turn(self, request: TurnRequest, report: TurnReport) -> Admitted | Duplicate:
         """The turn's first half: validated, admitted, the session locked and its context built. On
-        failure raises `ChatError`, holding nothing; else `Admitted.open()` asks for the reply."""
+        failure raises `ChatError`, holding nothing; else `Admitted.open()` asks for the reply, or,
+        for a repeat of an idempotent turn, the `Duplicate` that answers it."""
         started = time.monotonic()
         body, request.body = request.body, None
         assert body is not None, "a turn request is opened once"
@@ -391,13 +508,18 @@ class ChatService:
         if body.regenerate and keys is None:
             raise InvalidRequest("there is nothing to regenerate without a session")
 
-        hold = Hold()
+        hold = Hold(keys=keys)
+        if keys is not None and request.idempotency_key is not None:
+            hold.claim = record_key(keys, request.idempotency_key)
+            hold.fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:32]
         try:
             # The worker's slot comes first: a request waiting for one has not yet used any of its limits.
             if self.slots is not None:
                 await self.slots.take()
                 hold.slot = True
-            await self._admit_and_lock(request, keys, hold)
+            duplicate = await self._admit_and_lock(request, keys, hold)
+            if duplicate is not None:
+                return duplicate
             history: list[dict[str, Any]] = []
             begun = started
             if hold.snapshot is not None:
@@ -444,7 +566,9 @@ class ChatService:
             return first
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
-    async def _admit_and_lock(self, request: TurnRequest, keys: SessionKeys | None, hold: Hold) -> None:
+    async def _admit_and_lock(
+        self, request: TurnRequest, keys: SessionKeys | None, hold: Hold
+    ) -> Duplicate | None:
         """Take from the caller's limits, then, for a session, take its lock and read its history.
         The limits go first and alone, so that a request they refuse never touches its session."""
         decision = await self.admission.admit(request.subject)
@@ -452,10 +576,34 @@ class ChatService:
         if not decision.allowed:
             raise RateLimited(decision.message, retry_after=decision.retry_after)
         hold.ticket = decision.ticket
-        if keys is not None:
-            hold.snapshot = await self.store.begin(keys, secrets.token_hex(16))
-            if hold.snapshot is None:
-                raise SessionBusy("another turn of this session is in progress; retry when it ends")
+        if keys is None:
+            return None
+        token = new_token(request.protocol)
+        if hold.claim is None:
+            hold.snapshot = await self.store.begin(keys, token)
+        else:
+            claim = await self.idempotency.begin(keys, hold.claim, token, hold.fingerprint)
+            if not isinstance(claim, Snapshot):
+                hold.claim = None  # not this request's to give back
+            if isinstance(claim, Mismatch):
+                raise IdempotencyMismatch(
+                    "this Idempotency-Key was used with another request body; use a new key"
+                )
+            if isinstance(claim, Committed):
+                return Duplicate(claim.reply, None, lambda: self.release(hold))
+            if isinstance(claim, InFlight):
+                async with redis_errors(self.store.on_error):
+                    await self.replies.attach(keys, claim.token)
+                    await self.replies.ask(claim.token)
+                follower = Follower(self.replies, keys, claim.token, 0, self.follow_block_ms)
+                return Duplicate(None, follower, lambda: self.release(hold))
+            hold.snapshot = claim
+        if hold.snapshot is None:
+            raise SessionBusy("another turn of this session is in progress; retry when it ends")
+        self.live[token] = hold
+        if self.settings.reply_log == "always":
+            self.reader_asked(token)
+        return None
 
     async def quota(self, subject: str) -> Quota | None:
         """The request limit as it stands, for a response refused before admission; None if unknown."""
@@ -473,6 +621,9 @@ class ChatService:
     async def release(self, hold: Hold) -> None:
         # Every step runs even if another fails; a lock or a lease we cannot give back expires on its own.
         self.renewer.discard(hold)
+        token = hold.snapshot.lock.token if hold.snapshot is not None else None
+        if token is not None:
+            self.live.pop(token, None)
         try:
             if hold.reply is not None:
                 try:
@@ -485,6 +636,11 @@ class ChatService:
                 self.slots.give_back()
         calls: list[ScriptCall] = []
         if hold.snapshot is not None and hold.snapshot.lock.held:
+            # Not committed: its readers hear that it failed, and a retry with its key runs anew.
+            if hold.tap is not None:
+                calls += await hold.tap.end_calls(FAILED)
+            if hold.claim is not None:
+                calls.append(self.idempotency.release_call(hold.claim, hold.snapshot.lock.token))
             calls.append(hold.snapshot.lock.release_call())
         if hold.ticket is not None and not hold.ticket.settled:
             hold.ticket.settled = True

@@ -259,11 +259,17 @@ def memory_per_stream(load: Load, target: Target, streams: int, *, seconds: floa
 
 
 def redis_per_turn(
-    load: Load, target: Target, meter: Any, server_stats: Any, url: str, *, turns: int
+    load: Load,
+    target: Target,
+    meter: Any,
+    server_stats: Any,
+    url: str,
+    *,
+    turns: int,
+    shape: Shape = Shape(deltas=5, delay=0.0),
 ) -> dict[str, Any]:
-    """Commands and round trips on the wire per committed turn, the commands Redis ran for them,
-    and what they cost Redis (see `redis_meter.redis_cost`)."""
-    shape = Shape(deltas=5, delay=0.0)
+    """Commands, round trips and bytes on the wire per committed turn, the commands Redis ran for
+    them, and what they cost Redis (see `redis_meter.redis_cost`)."""
     load.run(target, shape, clients=2, rounds=3, ramp=0.0, timeout=30)  # connections made, scripts loaded
     meter.reset()
     stats_before = server_stats(url)
@@ -283,6 +289,8 @@ def redis_per_turn(
         "errors": len(run.errors),
         "round_trips": counts["round_trips"] / committed,
         "commands": counts["commands"] / committed,
+        "bytes_sent": counts.get("bytes_sent", 0) / committed,
+        "bytes_received": counts.get("bytes_received", 0) / committed,
         "by_name": {name: n / committed for name, n in sorted(counts["by_name"].items())},
         "server_calls": sum(inner.values()) / committed,
         "server_by_name": {name: n / committed for name, n in sorted(inner.items())},

@@ -20,6 +20,8 @@ class _Counts:
     def __init__(self) -> None:
         self.commands = 0
         self.round_trips = 0
+        self.bytes_sent = 0  # by the clients, to Redis
+        self.bytes_received = 0
         self.by_name: dict[str, int] = {}
 
 
@@ -110,7 +112,13 @@ class RedisMeter:
     def snapshot(self) -> dict[str, Any]:
         async def read() -> dict[str, Any]:
             c = self.counts
-            return {"commands": c.commands, "round_trips": c.round_trips, "by_name": dict(c.by_name)}
+            return {
+                "commands": c.commands,
+                "round_trips": c.round_trips,
+                "bytes_sent": c.bytes_sent,
+                "bytes_received": c.bytes_received,
+                "by_name": dict(c.by_name),
+            }
 
         return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
 
@@ -133,6 +141,7 @@ class RedisMeter:
                     self.counts.round_trips += 1
                     state["answered"] = False
                 parser.counts = self.counts
+                self.counts.bytes_sent += len(data)
                 parser.feed(data)
                 up_writer.write(data)
                 await up_writer.drain()
@@ -141,6 +150,7 @@ class RedisMeter:
         async def downstream() -> None:
             while data := await up_reader.read(65536):
                 state["answered"] = True
+                self.counts.bytes_received += len(data)
                 writer.write(data)
                 await writer.drain()
             writer.close()

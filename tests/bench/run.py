@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.bench import measure, report
+from tests.bench import measure, report, resume
 from tests.bench.measure import Load, Others, Shape, Target
 from tests.bench.redis_meter import RedisMeter, server_stats
 from tests.bench.targets import Cores, Process, redis_for_bench, service_worker, standin, tutorial_worker
@@ -118,11 +118,15 @@ def main(argv: list[str] | None = None) -> None:
             results["redis"] = redis_phase(load, cores, logs, redis.url, model.url, quick)
             log("Redis Cluster round trips per turn")
             results["redis_cluster"] = cluster_phase(load, cores, logs, model.url, quick, notes)
+            log("resumable replies: off, on demand, always")
+            results["resume"] = resume.resume_phase(
+                load, cores, logs, redis.url, model.url, shape, fixed, others, quick, log
+            )
         check_load_side(results, notes)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = report.markdown(results)
+    table = report.markdown(results) + "\n" + resume.markdown(results["resume"])
     (args.out / "results.md").write_text(table)
     report.plot(results, args.out / "sweep.png")
     print(table)
