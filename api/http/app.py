@@ -102,6 +102,7 @@ def create_app(
         summary="Streams Claude's replies as plain text; conversations live in Redis.",
         lifespan=lifespan,
     )
+    app.fast_path = settings.fast_path
     app.state.recorder = recorder
     app.include_router(router)
     app.add_middleware(RequestIdMiddleware)
@@ -142,7 +143,12 @@ class ChatAPI(FastAPI):
     a chat POST runs the same handler (`api.routes.serve_turn`) without the layers in between.
     """
 
+    fast_path = True  # CHAT_FAST_PATH=false sends every request through FastAPI, for the bench's ablation
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.fast_path:
+            await super().__call__(scope, receive, send)
+            return
         scope[RAW_SEND] = send
         if scope["type"] == "http" and scope["method"] == "POST" and "app" in scope.get("state", ()):
             session_id = chat_path(scope["path"])

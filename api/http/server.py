@@ -24,7 +24,8 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": ChatHttpProtocol,  # httptools, which also tells a turn when its client leaves
+        # httptools, which also tells a turn when its client leaves; or uvicorn's own, unchanged
+        "http": ChatHttpProtocol if settings.http_protocol == "chat" else "httptools",
         "lifespan": "on",
         "access_log": False,
         "log_config": None,

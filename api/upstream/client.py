@@ -193,13 +193,13 @@ def _broken(exc: Exception, done: bool) -> ReplyBroken | None:
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
 
-def http_client(max_connections: int) -> httpx2.AsyncClient:
-    """The SDK's client on the lean transport, or on httpx's own when an egress proxy is configured
-    (the lean transport speaks only direct HTTP/1.1)."""
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+def http_client(max_connections: int, transport: Literal["lean", "httpx"] = "lean") -> httpx2.AsyncClient:
+    """The SDK's client on the lean transport, or on httpx's own when asked to or when an egress proxy
+    is configured (the lean transport speaks only direct HTTP/1.1)."""
+    limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    if transport == "httpx" or any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return anthropic.DefaultAsyncHttpxClient(limits=limits)
-    return anthropic.DefaultAsyncHttpxClient(transport=LeanTransport(max_connections=max_connections))
+    return anthropic.DefaultAsyncHttpxClient(transport=LeanTransport(limits=limits))
 
 
 def sdk_tracing() -> Literal[False] | None:
@@ -224,7 +224,7 @@ class Upstream:
             base_url=settings.anthropic_base_url,
             max_retries=settings.upstream_max_retries,
             timeout=httpx2.Timeout(settings.upstream_timeout_seconds, connect=5.0),
-            http_client=http_client(settings.upstream_max_connections),
+            http_client=http_client(settings.upstream_max_connections, settings.upstream_transport),
             open_telemetry=sdk_tracing(),
         )
 
