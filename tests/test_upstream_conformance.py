@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -428,3 +429,22 @@ async def test_https_through_a_connect_proxy_from_https_proxy(
         assert await turn(client, "@@deltas=5") == REPLY
     target = front.https.removeprefix("https://")
     wait_until(lambda: f"CONNECT {target}" in log.read_text(), 5, "the proxy's access log")
+
+
+async def test_the_transport_honours_httpx_s_tls_and_pool_options(front: Front, clean_env: Any) -> None:
+    """`verify` and `limits`, which an httpx client given a `transport=` would ignore, reach the pool."""
+    url = f"{front.https}/v1/messages"
+    # Slow enough that the three requests overlap, each on a connection of its own.
+    message = {"role": "user", "content": "@@deltas=3 @@delay=0.05"}
+    body = {"model": "m", "max_tokens": 16, "stream": True, "messages": [message]}
+    headers = {"authorization": "Bearer test-key", "anthropic-version": "2023-06-01"}
+    trusting = ssl.create_default_context(cafile=str(front.certificates.ca))
+    limits = httpx2.Limits(max_connections=10, max_keepalive_connections=1)
+    lean = LeanTransport(verify=trusting, limits=limits)
+    async with httpx2.AsyncClient(transport=lean) as client:
+        responses = await asyncio.gather(*(client.post(url, json=body, headers=headers) for _ in range(3)))
+        assert all(r.status_code == 200 and b"message_stop" in r.content for r in responses)
+        assert lean.idle_connections == 1  # the two past max_keepalive_connections were closed
+    async with httpx2.AsyncClient(transport=LeanTransport()) as client:  # the system's CAs only
+        with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await client.post(url, json=body, headers=headers)
