@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                         )  # fmt: skip
                         results["targets"][target.name] = figures
                         results["ablation"].setdefault(target.name, []).append(ablation.summary(figures))
+                    # What is measured so far, should the run be cut short.
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / "partial.json").write_text(json.dumps(results, indent=2) + "\n")
                 log("one-shot turns")
                 results["targets"]["service_one_shot"] = {
                     "first_byte": first_bytes(load, one_shot, quick),
