@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "partial.json").unlink(missing_ok=True)
     table = report.markdown(results) + "\n" + ablation.markdown(results)
     (args.out / "results.md").write_text(table)
     report.plot(results, args.out / "sweep.png")
