@@ -53,7 +53,9 @@ def test_a_quick_bench_run_measures_every_target_and_writes_its_report(tmp_path:
     assert "| figure |" in table and "| vs floor | vs tutorial |" in table
     assert run.stdout.strip().startswith("| figure |")
     # Every arm of the ablation ran, and the table decides on every hand-written part.
-    assert set(results["ablation"]) == {"floor", "tutorial", "idiomatic"} | {arm.name for arm in ablation.ARMS}
+    assert set(results["ablation"]) == {"floor", "tutorial", "idiomatic"} | {
+        arm.name for arm in ablation.ARMS
+    }
     for arm in ablation.ARMS:
         assert results["ablation"][arm.name][0]["cpu_per_1k"] > 0, arm.name
         if arm.part is not None:
