@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
-    # "chat": api/http/protocol.py; "httptools": uvicorn's own protocol.
-    http_protocol: Literal["chat", "httptools"] = "chat"
+    # "httptools": uvicorn's own protocol; "chat": api/http/protocol.py, which did not buy the 15% it must
+    # to be the default (docs/hand-written-parts.md).
+    http_protocol: Literal["chat", "httptools"] = "httptools"
     # The two chat routes served straight from the app (api/http/app.py ChatAPI), or through FastAPI.
     fast_path: bool = True
     drain_seconds: float = Field(30.0, ge=0)

@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
                             others=Others([redis.pid] if redis.pid else []) if target.name == "floor" else others,
                         )  # fmt: skip
                         results["targets"][target.name] = figures
-                        results["ablation"].setdefault(target.name, []).append(ablation.summary(figures))
+                        results["ablation"].setdefault(target.name, []).append(
+                            ablation.summary(figures, repeat)
+                        )
                     # What is measured so far, should the run be cut short.
                     args.out.mkdir(parents=True, exist_ok=True)
                     (args.out / "partial.json").write_text(json.dumps(results, indent=2) + "\n")
