@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     upstream_max_retries: int = Field(2, ge=0, le=10)
     upstream_timeout_seconds: float = Field(60.0, gt=0)
     upstream_max_connections: int = Field(10_000, ge=1)
+    # "lean": api/upstream/transport.py under the SDK; "httpx": the SDK's own transport. Each hand-written
+    # part has a switch back to the library it replaces, for the bench's ablation and as a way out.
+    upstream_transport: Literal["lean", "httpx"] = "lean"
 
     # Admission control.
     # Secret, so that printing the settings never shows a key.
@@ -102,6 +105,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
+    # "httptools": uvicorn's own protocol; "chat": api/http/protocol.py, which did not buy the 15% it must
+    # to be the default (docs/hand-written-parts.md).
+    http_protocol: Literal["chat", "httptools"] = "httptools"
+    # The two chat routes served straight from the app (api/http/app.py ChatAPI), or through FastAPI.
+    fast_path: bool = True
     drain_seconds: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

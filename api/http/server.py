@@ -24,7 +24,9 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": ChatHttpProtocol,  # httptools, which also tells a turn when its client leaves
+        # uvicorn's own httptools protocol, or (CHAT_HTTP_PROTOCOL=chat) ours, which also tells a turn
+        # when its client leaves
+        "http": ChatHttpProtocol if settings.http_protocol == "chat" else "httptools",
         "lifespan": "on",
         "access_log": False,
         "log_config": None,

@@ -8,6 +8,7 @@ because parsing every event into typed objects is most of a relay's cost per tok
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -193,13 +194,13 @@ def _broken(exc: Exception, done: bool) -> ReplyBroken | None:
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
 
-def http_client(max_connections: int) -> httpx2.AsyncClient:
-    """The SDK's client on the lean transport, or on httpx's own when an egress proxy is configured
-    (the lean transport speaks only direct HTTP/1.1)."""
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+def http_client(max_connections: int, transport: Literal["lean", "httpx"] = "lean") -> httpx2.AsyncClient:
+    """The SDK's client on the lean transport, or on httpx's own when asked to or when an egress proxy
+    is configured (the lean transport speaks only direct HTTP/1.1)."""
+    limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    if transport == "httpx" or any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return anthropic.DefaultAsyncHttpxClient(limits=limits)
-    return anthropic.DefaultAsyncHttpxClient(transport=LeanTransport(max_connections=max_connections))
+    return anthropic.DefaultAsyncHttpxClient(transport=LeanTransport(limits=limits))
 
 
 def sdk_tracing() -> Literal[False] | None:
@@ -217,6 +218,36 @@ def sdk_tracing() -> Literal[False] | None:
     return False
 
 
+class CertificateRejected(Exception):
+    """The upstream's TLS certificate did not verify: no retry can change that."""
+
+
+async def _no_retry_on_bad_certificate(
+    request: anthropic.APIRequest, call_next: anthropic.AsyncCallNext
+) -> anthropic.AsyncAPIResponse[Any]:
+    """SDK middleware: a certificate that did not verify fails the request at once, where the SDK would
+    retry it as any connection failure (seconds of backoff for a refusal that cannot change). The
+    SDK retries only its own connection errors, so this one, raised by middleware, is not retried."""
+    try:
+        return await call_next(request)
+    except anthropic.APIConnectionError as exc:
+        reason = _certificate_failure(exc)
+        if reason is None:
+            raise
+    raise CertificateRejected(reason)
+
+
+def _certificate_failure(error: BaseException) -> str | None:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current.verify_message or str(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
 class Upstream:
     def __init__(self, settings: Settings) -> None:
         self.client = anthropic.AsyncAnthropic(
@@ -224,8 +255,9 @@ class Upstream:
             base_url=settings.anthropic_base_url,
             max_retries=settings.upstream_max_retries,
             timeout=httpx2.Timeout(settings.upstream_timeout_seconds, connect=5.0),
-            http_client=http_client(settings.upstream_max_connections),
+            http_client=http_client(settings.upstream_max_connections, settings.upstream_transport),
             open_telemetry=sdk_tracing(),
+            middleware=[_no_retry_on_bad_certificate],
         )
 
     async def open(self, request: UpstreamRequest) -> Reply:
@@ -248,6 +280,10 @@ class Upstream:
             response = await self.client.messages.with_streaming_response.create(**params).__aenter__()
         except anthropic.APIError as exc:
             raise open_error(exc) from exc
+        except CertificateRejected as exc:
+            raise UpstreamFailed(
+                f"Claude's TLS certificate was not trusted: {exc}", upstream_error="connection"
+            ) from exc
         return Reply(response)
 
     async def aclose(self) -> None:

@@ -5,7 +5,9 @@ own exception; this only moves the bytes. httpcore's pool checks every idle conn
 each request and each close (a cost that grows with the number of streams), and its body reads go
 through anyio cancel scopes and h11 per chunk. Here a connection learns it was closed from the event
 loop, a body chunk costs one callback, and a relay can read the body straight from
-`response.extensions[BODY]` without httpx's per-chunk layers.
+`response.extensions[BODY]` without httpx's per-chunk layers. Responses are parsed by httptools
+(llhttp, the parser uvicorn and Node use), never by hand. What it buys, measured against httpx's own
+transport, is in docs/hand-written-parts.md.
 
 Errors are httpx2's own types, raised where httpcore would raise them, so the SDK retries exactly
 what it retried before and `api.upstream.client` maps mid-stream failures as before.
@@ -20,12 +22,15 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol, cast
 
+import httptools
 import httpx2
 
 BODY = "chat_api.body"  # the response extension holding its `BodyStream`, for readers that skip httpx
 _MAX_HEAD = 64 * 1024
 _HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses until the reader catches up
-_KEEPALIVE_SECONDS = 5.0  # the same idle expiry as httpx's default
+_UNBOUNDED = 1_000_000
+# httpx's own defaults: at most 100 connections, 20 of them kept idle, for 5 s.
+DEFAULT_LIMITS = httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
 
 class BodySink(Protocol):
@@ -174,8 +179,12 @@ class _Dropped:
 _DROP = _Dropped()
 
 
+class _Unexpected(Exception):
+    """A second response where only one was asked for."""
+
+
 class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection, one exchange at a time."""
+    """One HTTP/1.1 connection, one exchange at a time; httptools (llhttp) parses what comes back."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: httpx2.Request) -> None:
         self.loop = loop
@@ -190,12 +199,14 @@ class _Connection(asyncio.Protocol):
         self.last_read = 0.0
         self.waiting: Body | None = None  # a body read blocked on this connection, for the watchdog
         self._paused = False
+        self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[tuple[int, bytes, list[tuple[bytes, bytes]]]] | None = None
-        self._buf = b""
+        self._head_bytes = 0  # of the response head so far, which llhttp does not bound
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
         self._body: Body | None = None
-        self._left = 0  # content-length bytes still to come, or of the current chunk
-        self._mode = ""  # "length", "chunked" or "close" while a body is read
-        self._chunk_state = 0  # 0 size line, 1 payload, 2 the payload's CRLF, 3 trailers
+        self._until_close = False  # a body with neither a length nor chunks: it ends when the server closes
+        self._answered = False  # this exchange's response is whole
 
     # asyncio.Protocol
 
@@ -204,37 +215,23 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = time.monotonic()
-        if self._body is not None:
-            self._read_body(data)
-            return
-        if self._head is None or self._head.done():
+        if self._head is None and self._body is None:
             self.abort()  # bytes nobody asked for: the connection is not in a state to reuse
             return
-        self._buf += data
-        end = self._buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buf) > _MAX_HEAD:
-                self._fail_head(httpx2.RemoteProtocolError("response head too large", request=self.request))
-            return
-        head, rest = self._buf[:end], self._buf[end + 4 :]
-        self._buf = b""
         try:
-            status, reason, headers = _parse_head(head)
-        except ValueError as exc:
-            self._fail_head(
-                httpx2.RemoteProtocolError(f"malformed response head: {exc}", request=self.request)
-            )
-            return
-        if status < 200:  # an interim 1xx response: the real one follows
-            self._buf = rest
-            if rest:
-                self.data_received(b"")
-            return
-        self._start_body(status, headers)
-        self.request = None
-        self._head.set_result((status, reason, headers))
-        if rest:
-            self._read_body(rest)
+            self._parser.feed_data(data)
+            if self._body is None:
+                self._head_bytes += len(data)
+                if self._head_bytes > _MAX_HEAD:
+                    self._fail(httpx2.RemoteProtocolError("response head too large", request=self.request))
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Unexpected):
+                self.abort()  # the response was whole; what followed it makes the connection unfit
+            else:
+                raise
+        except httptools.HttpParserError as exc:
+            reason = str(exc) or type(exc).__name__
+            self._fail(httpx2.RemoteProtocolError(f"malformed response: {reason}", request=self.request))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -250,7 +247,7 @@ class _Connection(asyncio.Protocol):
             self._head.set_exception(error)
         body = self._body
         if body is not None and not body.done:
-            if self._mode == "close" and exc is None:
+            if self._until_close and exc is None:
                 body.finish()
             elif exc is not None:
                 body.fail(httpx2.ReadError(str(exc), request=self.request))
@@ -260,6 +257,58 @@ class _Connection(asyncio.Protocol):
                         "peer closed connection without sending complete message body", request=self.request
                     )
                 )
+
+    # httptools' callbacks
+
+    def on_message_begin(self) -> None:
+        if self._answered:
+            raise _Unexpected
+        self._reason, self._headers = b"", []
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status  # llhttp hands over a reason split across reads in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        headers, self._headers = self._headers, []
+        if status < 200:  # an interim 1xx response: the real one follows
+            return
+        self._body = Body(self)
+        self.reusable = self._parser.should_keep_alive()
+        names = {name.lower() for name, _ in headers}
+        self._until_close = (
+            status not in (204, 304) and b"content-length" not in names and b"transfer-encoding" not in names
+        )
+        if self._until_close:
+            self.reusable = False
+        head_only = self.request is not None and self.request.method == "HEAD"
+        self.request = None
+        if self._head is not None and not self._head.done():
+            self._head.set_result((status, self._reason, headers))
+        if head_only:
+            # A HEAD's response has no body whatever its length says, which llhttp cannot be told:
+            # the body ends here, and the parser, left waiting for it, goes with its connection.
+            self._until_close = self.reusable = False
+            self._answered = True
+            self._body.finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(body)
+
+    def on_message_complete(self) -> None:
+        body = self._body
+        if body is None:  # the end of an interim response
+            return
+        self._answered = True
+        self.reusable = self.reusable and self._parser.should_keep_alive()
+        body.finish()
+        # The message is whole, whatever its reader held back: read again, so that an idle connection
+        # hears its server close it, and the next response on it is read at all.
+        self.resume()
 
     # flow control, driven by the body's reader
 
@@ -282,7 +331,9 @@ class _Connection(asyncio.Protocol):
         self.request = request
         self.reusable = False
         self._head = self.loop.create_future()
+        self._head_bytes = 0
         self._body = None
+        self._answered = False
         self.last_read = time.monotonic()
         try:
             self.transport.write(_request_head(request, len(payload)) + payload)
@@ -293,111 +344,12 @@ class _Connection(asyncio.Protocol):
         finally:
             self._head = None  # its result (the headers) is the caller's now
 
-    def _start_body(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self._body = Body(self)
-        length: int | None = None
-        chunked = False
-        close = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value)
-            elif lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lower == b"connection":
-                close = b"close" in value.lower()
-        self.reusable = not close
-        if status in (204, 304) or (self.request is not None and self.request.method == "HEAD"):
-            chunked, length = False, 0
-        if chunked:
-            self._mode, self._chunk_state = "chunked", 0
-        elif length is not None:
-            self._mode, self._left = "length", length
-            if length == 0:
-                self._end_body()
-        else:
-            self._mode, self.reusable = "close", False
-
-    def _read_body(self, data: bytes) -> None:
-        body = self._body
-        assert body is not None
-        if body.done:
-            if data:
-                self.reusable = False
-                self.abort()
-            return
-        if self._mode == "length":
-            if len(data) >= self._left:
-                if self._left:
-                    body.feed(data[: self._left])
-                extra = len(data) > self._left
-                self._left = 0
-                self._end_body()
-                if extra:
-                    self.reusable = False
-            else:
-                self._left -= len(data)
-                body.feed(data)
-        elif self._mode == "chunked":
-            self._read_chunked(self._buf + data if self._buf else data)
-        else:
-            body.feed(data)
-
-    def _read_chunked(self, buf: bytes) -> None:
-        body = self._body
-        assert body is not None
-        pos, size = 0, len(buf)
-        while pos < size:
-            state = self._chunk_state
-            if state == 1:  # payload
-                take = min(self._left, size - pos)
-                body.feed(buf if take == size else buf[pos : pos + take])
-                pos += take
-                self._left -= take
-                if self._left == 0:
-                    self._chunk_state = 2
-                continue
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                break
-            line = buf[pos:end]
-            pos = end + 2
-            if state == 0:
-                try:
-                    self._left = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    self._protocol_error("malformed chunk size")
-                    return
-                self._chunk_state = 1 if self._left else 3
-            elif state == 2:
-                if line:
-                    self._protocol_error("chunk not followed by CRLF")
-                    return
-                self._chunk_state = 0
-            elif not line:  # the empty line after the last chunk (and any trailers)
-                self._buf = b""
-                self._end_body()
-                if pos < size:
-                    self.reusable = False
-                return
-        self._buf = buf[pos:]
-
-    def _end_body(self) -> None:
-        assert self._body is not None
-        self._mode = ""
-        self._body.finish()
-        # The message is whole, whatever its reader held back: read again, so that an idle connection
-        # hears its server close it, and the next response on it is read at all.
-        self.resume()
-
-    def _protocol_error(self, message: str) -> None:
-        if self._body is not None:
-            self._body.fail(httpx2.RemoteProtocolError(message, request=self.request))
-        self.abort()
-
-    def _fail_head(self, error: Exception) -> None:
+    def _fail(self, error: Exception) -> None:
+        """A response that cannot be read: its head's waiter or its body's reader gets `error`."""
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
+        elif self._body is not None:
+            self._body.fail(error)
         self.abort()
 
     def abort(self) -> None:
@@ -405,21 +357,6 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
-
-
-def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    lines = head.split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
-    if not version.startswith(b"HTTP/1."):
-        raise ValueError("not an HTTP/1.x status line")
-    code, _, reason = rest.partition(b" ")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise ValueError("header line without a colon")
-        headers.append((name.strip(), value.strip()))
-    return int(code), reason, headers
 
 
 def _request_head(request: httpx2.Request, length: int) -> bytes:
@@ -467,10 +404,25 @@ class BodyStream(httpx2.AsyncByteStream):
 
 
 class LeanTransport(httpx2.AsyncBaseTransport):
-    def __init__(self, *, max_connections: int = 10_000, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Takes the options `httpx2.AsyncHTTPTransport` takes for TLS and pooling, since an
+    `httpx2.AsyncClient` given a `transport=` ignores its own `verify`, `cert` and `limits`."""
+
+    def __init__(
+        self,
+        *,
+        verify: ssl.SSLContext | bool = True,
+        cert: tuple[str, str] | str | None = None,
+        trust_env: bool = True,
+        limits: httpx2.Limits = DEFAULT_LIMITS,
+    ) -> None:
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
-        self._limit = asyncio.Semaphore(max_connections)
-        self._ssl = ssl_context
+        self._limit = asyncio.Semaphore(limits.max_connections or _UNBOUNDED)
+        self._max_idle = limits.max_keepalive_connections
+        self._keepalive = limits.keepalive_expiry
+        self._verify = verify
+        self._cert = cert
+        self._trust_env = trust_env
+        self._ssl: ssl.SSLContext | None = None  # made at the first https request: it reads CA files
         self._active: set[_Connection] = set()
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -480,6 +432,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         scheme = url.scheme
         if scheme not in ("http", "https"):
             raise httpx2.UnsupportedProtocol(f"unsupported scheme {scheme!r}", request=request)
+
         key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
         payload = await request.aread()
         if self._limit.locked():  # only then is there a wait to bound (asyncio.timeout: no task per request)
@@ -520,10 +473,28 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < _KEEPALIVE_SECONDS:
+            if not conn.closed and not self._expired(conn, now):
                 return conn
             conn.abort()
         return None
+
+    def _expired(self, conn: _Connection, now: float) -> bool:
+        return self._keepalive is not None and now - conn.idle_since >= self._keepalive
+
+    def _prune(self) -> None:
+        """Close idle connections past their keep-alive expiry or closed by their server: a burst's
+        connections are reclaimed once it is over, not only when a later request finds them."""
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            for conn in [c for c in idle if c.closed or self._expired(c, now)]:
+                idle.remove(conn)
+                conn.abort()
+            if not idle:
+                del self._idle[key]
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
 
     async def _connect(
         self, key: tuple[str, str, int], request: httpx2.Request, connect_timeout: float | None
@@ -532,7 +503,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         context = None
         if scheme == "https":
-            context = self._ssl or _default_ssl_context()
+            if self._ssl is None:
+                self._ssl = httpx2.create_ssl_context(
+                    verify=self._verify, cert=self._cert, trust_env=self._trust_env
+                )
+                self._ssl.set_alpn_protocols(["http/1.1"])
+            context = self._ssl
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(
@@ -553,10 +529,16 @@ class LeanTransport(httpx2.AsyncBaseTransport):
     def _release(self, key: tuple[str, str, int], conn: _Connection, complete: bool) -> None:
         self._active.discard(conn)
         self._limit.release()
-        if complete and conn.reusable and not conn.closed:
+        if (
+            complete
+            and conn.reusable
+            and not conn.closed
+            and (self._max_idle is None or self.idle_connections < self._max_idle)
+        ):
             conn.idle_since = time.monotonic()
             conn._body = None
             self._idle.setdefault(key, deque()).append(conn)
+            self._ensure_watchdog()
         else:
             conn.abort()  # a body not read to its end leaves the connection mid-message
 
@@ -565,10 +547,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        """Fail reads that waited longer than their read timeout: one sweep a second for all streams,
-        instead of a timer armed and cancelled on every read of every stream."""
-        while self._active:
+        """Fail reads that waited longer than their read timeout, and close expired idle connections:
+        one sweep a second for all streams, instead of a timer armed and cancelled on every read of
+        every stream. It stops once there is nothing left to watch."""
+        while self._active or self._idle:
             await asyncio.sleep(1.0)
+            self._prune()
             now = time.monotonic()
             for conn in list(self._active):
                 timeout = conn.read_timeout
@@ -595,14 +579,3 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             conn.abort()
         if self._watchdog is not None:
             self._watchdog.cancel()
-
-
-_SSL: ssl.SSLContext | None = None
-
-
-def _default_ssl_context() -> ssl.SSLContext:
-    global _SSL
-    if _SSL is None:
-        _SSL = httpx2.create_ssl_context()
-        _SSL.set_alpn_protocols(["http/1.1"])
-    return _SSL

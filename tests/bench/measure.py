@@ -7,6 +7,7 @@ reads the CPU and memory of the processes involved from /proc around it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -234,28 +236,58 @@ def most_held(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 def memory_per_stream(load: Load, target: Target, streams: int, *, seconds: float = 10.0) -> dict[str, Any]:
     """Resident memory each further open stream costs: the slope between `streams / 2` open streams and
     `streams`, both groups open at once, so that nothing one-off (the first connections, buffers a
-    process keeps once it has grown) counts as the streams' own."""
+    process keeps once it has grown) counts as the streams' own.
+
+    Each reading waits until the process holds a socket for every stream of the group and its count
+    of sockets has settled, rather than a fixed time: on a busy machine the streams open late, and a
+    reading taken before they did would count them as free."""
     ramp = seconds / 5
     first = streams // 2
     # The first group outlives the second's ramp and reading; the second outlives its own reading.
-    long = Shape(deltas=int(seconds * 4), delay=0.5)
-    short = Shape(deltas=int(seconds * 2), delay=0.5)
+    long = Shape(deltas=int(seconds * 6), delay=0.5)
+    short = Shape(deltas=int(seconds * 3), delay=0.5)
+    pid = target.process.pid
+    base = open_sockets(pid)
     before = target.process.rss()
     group1 = load.start(target, long, clients=first, rounds=1, ramp=ramp, timeout=120)
-    time.sleep(ramp + seconds / 5)
+    opened_first = _settle(pid, base + first, deadline=ramp + seconds)
     with_first = target.process.rss()
     group2 = load.start(target, short, clients=streams - first, rounds=1, ramp=ramp, timeout=120)
-    time.sleep(ramp + seconds / 5)
+    opened_all = _settle(pid, opened_first + streams - first, deadline=ramp + seconds)
     with_all = target.process.rss()
     runs = [load.finish(group2, timeout=150), load.finish(group1, timeout=150)]
     return {
         "streams": streams,
+        "sockets": [base, opened_first, opened_all],
         "rss_before_mib": before / 2**20,
         "rss_half_open_mib": with_first / 2**20,
         "rss_all_open_mib": with_all / 2**20,
         "kib_per_stream": (with_all - with_first) / (streams - first) / 1024,
         "errors": sum(len(run.errors) for run in runs),
     }
+
+
+def open_sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def _settle(pid: int, at_least: int, *, deadline: float) -> int:
+    """Wait until `pid` holds `at_least` sockets and has opened no more for a second (or the
+    deadline passed); how many it holds then."""
+    end = time.monotonic() + deadline
+    last, since = open_sockets(pid), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        now = open_sockets(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now >= at_least and time.monotonic() - since >= 1.0:
+            break
+    return last
 
 
 def redis_per_turn(

@@ -1,4 +1,5 @@
-"""`python -m tests.bench`: this service against the floor and the tutorial's design, in one run.
+"""`python -m tests.bench`: this service against the floor, the tutorial's design, the idiomatic async
+design and itself with each hand-written part swapped for its library (the ablation), in one run.
 
 Everything runs on loopback: a stand-in model, Redis, one worker of each design on a core of its own,
 and the load generator. Figures are printed as a markdown table and written, with the sweep's raw
@@ -20,10 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.bench import measure, report, resume
+from tests.bench import ablation, measure, report, resume
 from tests.bench.measure import Load, Others, Shape, Target
 from tests.bench.redis_meter import RedisMeter, server_stats
-from tests.bench.targets import Cores, Process, redis_for_bench, service_worker, standin, tutorial_worker
+from tests.bench.targets import (
+    Cores,
+    Process,
+    idiomatic_worker,
+    redis_for_bench,
+    service_worker,
+    standin,
+    tutorial_worker,
+)
 from tests.processes import wait_until
 
 LEVELS = [50, 100, 200, 300, 500, 750, 1000, 1250, 1500, 2000]
@@ -62,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="where results go")
     parser.add_argument("--quick", action="store_true", help="a small run that checks the bench works")
     parser.add_argument("--levels", help="comma-separated concurrency levels for the sweep")
+    parser.add_argument(
+        "--repeats", type=int, help="rounds over every arm, interleaved (default 2; 1 with --quick)"
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -70,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     levels = [int(x) for x in args.levels.split(",")] if args.levels else ([10, 20] if quick else LEVELS)
     fixed = min(FIXED_LOAD, levels[-1]) if quick else FIXED_LOAD
+    repeats = args.repeats or (1 if quick else 2)
     shape = Shape(deltas=5, delay=0.1) if quick else Shape(deltas=30, delay=0.1)
     cores = Cores.split()
     notes = [f"Pinning: {cores.describe()}."]
@@ -82,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         "fixed_load": fixed,
         "quick": quick,
         "targets": {},
+        "ablation": {},
+        "repeats": repeats,
         "notes": notes,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -93,23 +108,43 @@ def main(argv: list[str] | None = None) -> None:
         logs = Path(work)
         model = standin(cores, logs)
         with running(model):
-            service = service_worker(cores, logs, redis.url, model.url)
+            arms = {
+                arm.name: service_worker(cores, logs, redis.url, model.url, name=arm.name, extra=arm.env)
+                for arm in ablation.ARMS
+            }
+            service = arms["service"]
             tutorial = tutorial_worker(cores, logs, model.url)
+            idiomatic = idiomatic_worker(cores, logs, redis.url, model.url)
             others = Others([model.pid] + ([redis.pid] if redis.pid else []))
             auth = ["authorization: Bearer bench-key", "anthropic-version: 2023-06-01"]
             targets = [
                 Target("floor", model, "/v1/messages", sse=True, headers=auth),
                 Target("tutorial", tutorial, "/chat/t{run}-{i}-{n}/stream"),
-                Target("service", service, "/chat/b{run}-{i}-{n}/stream"),
+                Target("idiomatic", idiomatic, "/chat/i{run}-{i}-{n}/stream"),
+                *(
+                    Target(name, worker, f"/chat/{name}-{{run}}-{{i}}-{{n}}/stream")
+                    for name, worker in arms.items()
+                ),
             ]
             one_shot = Target("service_one_shot", service, "/chat/stream")
-            with running(service, tutorial):
-                for target in targets:
-                    results["targets"][target.name] = run_target(
-                        load, target, shape, levels, fixed, others, quick, log,
-                        # The floor's own "worker" is the stand-in, on the load cores with the rest.
-                        others=Others([redis.pid] if redis.pid else []) if target.name == "floor" else others,
-                    )  # fmt: skip
+            with running(*arms.values(), tutorial, idiomatic):
+                for repeat in range(repeats):
+                    log(f"repeat {repeat + 1} of {repeats}")
+                    # Each repeat starts one arm further on, so that no arm always runs first or last.
+                    shift = repeat % len(targets)
+                    for target in targets[shift:] + targets[:shift]:
+                        figures = run_target(
+                            load, target, shape, levels, fixed, others, quick, log,
+                            # The floor's own "worker" is the stand-in, on the load cores with the rest.
+                            others=Others([redis.pid] if redis.pid else []) if target.name == "floor" else others,
+                        )  # fmt: skip
+                        results["targets"][target.name] = figures
+                        results["ablation"].setdefault(target.name, []).append(
+                            ablation.summary(figures, repeat)
+                        )
+                    # What is measured so far, should the run be cut short.
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / "partial.json").write_text(json.dumps(results, indent=2) + "\n")
                 log("one-shot turns")
                 results["targets"]["service_one_shot"] = {
                     "first_byte": first_bytes(load, one_shot, quick),
@@ -126,7 +161,14 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = report.markdown(results) + "\n" + resume.markdown(results["resume"])
+    (args.out / "partial.json").unlink(missing_ok=True)
+    table = (
+        report.markdown(results)
+        + "\n"
+        + ablation.markdown(results)
+        + "\n"
+        + resume.markdown(results["resume"])
+    )
     (args.out / "results.md").write_text(table)
     report.plot(results, args.out / "sweep.png")
     print(table)

@@ -135,7 +135,12 @@ def standin(cores: Cores, log_dir: Path) -> Process:
 
 
 def service_worker(
-    cores: Cores, log_dir: Path, redis_url: str, upstream: str, name: str = "service"
+    cores: Cores,
+    log_dir: Path,
+    redis_url: str,
+    upstream: str,
+    name: str = "service",
+    extra: dict[str, str] | None = None,
 ) -> Process:
     """One `chat-api serve` worker, configured as production would be: every limit is on (set too high
     to refuse anything), so each turn pays for its admission as it would in a deployment."""
@@ -152,6 +157,7 @@ def service_worker(
         "CHAT_WORKERS": "1",
         "CHAT_REDIS_PREFIX": "bench",
         "CHAT_LOG_FORMAT": "json",
+        **(extra or {}),
     }
     return Process(name, [sys.executable, "-m", "api", "serve"], env, cores.worker, log_dir / f"{name}.log")
 
@@ -164,6 +170,17 @@ def tutorial_worker(cores: Cores, log_dir: Path, upstream: str) -> Process:
         env,
         cores.worker,
         log_dir / "tutorial.log",
+    )
+
+
+def idiomatic_worker(cores: Cores, log_dir: Path, redis_url: str, upstream: str) -> Process:
+    env = {"ANTHROPIC_BASE_URL": upstream, "ANTHROPIC_API_KEY": "bench-key", "REDIS_URL": redis_url}
+    return Process(
+        "idiomatic",
+        [sys.executable, "-m", "tests.bench.idiomatic", "--port", "{port}"],
+        env,
+        cores.worker,
+        log_dir / "idiomatic.log",
     )
 
 
