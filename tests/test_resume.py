@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -71,9 +72,16 @@ class Streamed:
     """A chat POST read in a thread of its own: what its client received, and how it ended."""
 
     def __init__(
-        self, url: str, message: str, *, key: str | None = None, leave_after: int | None = None
+        self,
+        url: str,
+        message: str,
+        *,
+        key: str | None = None,
+        leave_after: int | None = None,
+        accept: str | None = None,
     ) -> None:
         self.url, self.message, self.key, self.leave_after = url, message, key, leave_after
+        self.accept = accept
         self.body = b""
         self.status = 0
         self.headers: httpx.Headers | None = None
@@ -84,6 +92,8 @@ class Streamed:
 
     def _run(self) -> None:
         headers = {"idempotency-key": self.key} if self.key else {}
+        if self.accept:
+            headers["accept"] = self.accept
         try:
             with httpx.stream(
                 "POST", self.url, json={"message": self.message}, headers=headers, timeout=30
@@ -349,3 +359,75 @@ def test_with_the_reply_log_off_nothing_is_resumed(live_app: Any) -> None:
     assert b"200 OK" in sock.recv(4096)
     assert app.client.get("/chat/off/stream").status_code == 204
     sock.close()
+
+
+def events(body: bytes) -> list[tuple[int | None, Any]]:
+    """An event stream's events as (id, data), `data` parsed from JSON except `[DONE]`."""
+    found: list[tuple[int | None, Any]] = []
+    for block in body.decode().split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        ident = next((int(line[4:]) for line in lines if line.startswith("id: ")), None)
+        data = "".join(line[6:] for line in lines if line.startswith("data: "))
+        found.append((ident, data if data == "[DONE]" else json.loads(data)))
+    return found
+
+
+def text_of(found: list[tuple[int | None, Any]]) -> str:
+    return "".join(d["delta"] for _, d in found if isinstance(d, dict) and d.get("type") == "text-delta")
+
+
+def test_an_event_stream_resumed_with_last_event_id_on_another_worker(
+    pair: list[Worker], session: str
+) -> None:
+    a, b = pair
+    original = Streamed(f"{a.url}/chat/{session}/stream", SLOW, accept="text/event-stream")
+    assert original.first.wait(10)
+    # No Accept: the resumed reply comes in the protocol the turn was started with.
+    status, resumed, complete = read_all(f"{b.url}/chat/{session}/stream", headers={"last-event-id": "5"})
+    original.join()
+    assert original.status == 200 and original.complete and status == 200 and complete
+    whole, tail = events(original.body), events(resumed)
+    assert tail[-1] == (len(text_of(whole)), "[DONE]")
+    assert [d["type"] for _, d in tail[-3:-1]] == ["text-end", "finish"]
+    assert not any(isinstance(d, dict) and d["type"] in ("start", "text-start") for _, d in tail)
+    assert text_of(tail) == text_of(whole)[5:]
+    # Each event's id is the reply's characters so far, counted from the start of the whole reply.
+    chars = 5
+    for ident, data in tail:
+        if isinstance(data, dict) and data["type"] == "text-delta":
+            chars += len(data["delta"])
+            assert ident == chars
+    assert history(b, session)[-1] == text_of(whole)
+
+
+def test_a_text_turn_resumed_as_events_when_accept_asks(pair: list[Worker], session: str) -> None:
+    a, b = pair
+    original = Streamed(f"{a.url}/chat/{session}/stream", SLOW)
+    assert original.first.wait(10)
+    status, resumed, complete = read_all(
+        f"{b.url}/chat/{session}/stream", headers={"accept": "text/event-stream"}
+    )
+    original.join()
+    assert status == 200 and complete
+    found = events(resumed)
+    assert [d["type"] for _, d in found[:2]] == ["start", "text-start"] and found[-1][1] == "[DONE]"
+    assert text_of(found) == original.body.decode()
+
+
+def test_an_idempotent_event_stream_repeat_is_replayed_as_events(
+    pair: list[Worker], session: str, standin: StandInModel
+) -> None:
+    a, b = pair
+    started = standin.streams_started
+    headers = {"idempotency-key": "sse-1", "accept": "text/event-stream"}
+    url = "/chat/" + session + "/stream"
+    first = httpx.post(a.url + url, json={"message": "hi"}, headers=headers, timeout=30)
+    again = httpx.post(b.url + url, json={"message": "hi"}, headers=headers, timeout=30)
+    assert first.status_code == again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["content-type"].startswith("text/event-stream")
+    assert text_of(events(again.content)) == text_of(events(first.content)) == "echo: hi [turns=1]"
+    assert events(again.content)[-1][1] == "[DONE]"
+    assert standin.streams_started == started + 1
