@@ -120,3 +120,11 @@ def test_the_ai_sdk_chats_with_no_glue(server: Worker, package: str) -> None:
         cut = results[f"cut_{transport}"]
         assert cut["status"] == "error" and cut["error"], transport
         assert stored(server, f"{prefix}-cut-{transport}") == []
+
+    resume = results["resume"]
+    whole = " ".join(f"w{i}" for i in range(40)) + " "
+    assert resume["first"]["status"] == "ready" and texts(resume["first"])[-1] == ("assistant", whole)
+    assert resume["reloaded"]["status"] == "ready" and resume["reloaded"]["error"] is None
+    assert texts(resume["reloaded"]) == [("assistant", whole)]
+    assert resume["later"]["status"] == "ready" and resume["later"]["messages"] == []
+    assert stored(server, f"{prefix}-resume")[-1] == ("assistant", whole)

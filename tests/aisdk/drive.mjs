@@ -109,4 +109,19 @@ for (const [name, make] of [
   results[`cut_${name}`] = seen(chat);
 }
 
+// A page reloaded mid-reply: a new chat with the same id (as `useChat({ resume: true })` makes on load)
+// resumes the reply in flight and ends with all of it; once nothing is in flight, resuming finds nothing.
+{
+  const id = `${prefix}-resume`;
+  const first = sse(id);
+  const running = first.sendMessage({ text: "@@deltas=40 @@delay=0.05" });
+  await waitFor(() => first.status === "streaming", "the reply to stream");
+  const reloaded = sse(id);
+  await reloaded.resumeStream();
+  await running;
+  const later = sse(id);
+  await later.resumeStream();
+  results.resume = { first: seen(first), reloaded: seen(reloaded), later: seen(later) };
+}
+
 process.stdout.write(JSON.stringify(results));
