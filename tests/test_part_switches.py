@@ -12,7 +12,7 @@ import pytest
 
 import api.http.app
 from api.config import Settings
-from api.http.protocol import ChatHttpProtocol
+from api.http.protocol import ChatHttpProtocol, JsonErrorProtocol
 from api.http.server import uvicorn_options
 from api.main import create_app
 from api.outcomes import Outcome, TurnReport
@@ -48,7 +48,9 @@ async def test_the_upstream_transport_setting_picks_the_transport(
         await upstream.aclose()
 
 
-@pytest.mark.parametrize(("protocol", "expected"), [("chat", ChatHttpProtocol), ("httptools", "httptools")])
+@pytest.mark.parametrize(
+    ("protocol", "expected"), [("chat", ChatHttpProtocol), ("httptools", JsonErrorProtocol)]
+)
 def test_the_http_protocol_setting_picks_the_server_protocol(
     make_settings: Callable[..., Settings], protocol: str, expected: Any
 ) -> None:

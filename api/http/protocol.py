@@ -160,7 +160,9 @@ _MALFORMED = error_body(
 )
 
 
-class ChatHttpProtocol(HttpToolsProtocol):
+class JsonErrorProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, as it is but for the one answer it writes itself."""
+
     def send_400_response(self, msg: str) -> None:
         """What the parser refuses (a request that breaks HTTP/1.1's grammar: CR, NUL or another
         control character in a header, raw non-ASCII in the request line, a bad Content-Length...) is
@@ -175,6 +177,8 @@ class ChatHttpProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(head) + _MALFORMED)
         self.transport.close()
 
+
+class ChatHttpProtocol(JsonErrorProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = WatchedFlow(transport)

@@ -10,7 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from api.config import Settings
-from api.http.protocol import ChatHttpProtocol
+from api.http.protocol import ChatHttpProtocol, JsonErrorProtocol
 from api.ops.logs import configure_logging
 from api.ops.metrics import MULTIPROC_DIR, prepare_shared_dir
 
@@ -26,7 +26,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "loop": "uvloop",
         # uvicorn's own httptools protocol, or (CHAT_HTTP_PROTOCOL=chat) ours, which also tells a turn
         # when its client leaves
-        "http": ChatHttpProtocol if settings.http_protocol == "chat" else "httptools",
+        "http": ChatHttpProtocol if settings.http_protocol == "chat" else JsonErrorProtocol,
         "lifespan": "on",
         "access_log": False,
         "log_config": None,
