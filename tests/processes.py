@@ -307,3 +307,27 @@ class Nginx:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def turn_in_flight(base_url: str, session: str) -> Iterator[None]:
+    """A slow turn of `session`, its first bytes read, held open until the block ends: the session's
+    lock is taken, so another turn of it meets a 409."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        body = {"message": "@@deltas=400 @@delay=0.05 elsewhere"}
+        with httpx.stream("POST", f"{base_url}/chat/{session}/stream", json=body, timeout=30) as reply:
+            chunks = reply.iter_bytes()  # kept: a generator dropped here would close the response
+            next(chunks)
+            holding.set()
+            release.wait(30)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        assert holding.wait(15), "the slow turn did not start"
+        yield
+    finally:
+        release.set()
+        other.join(30)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterator
 
 import httpx
 import pexpect
 import pytest
 
-from tests.processes import ROOT, Worker
+from tests.processes import ROOT, Worker, turn_in_flight
 
 KEY = "terminal-client-key-0123"
 PROMPT = "> "
@@ -126,26 +125,10 @@ def test_ctrl_c_stops_a_reply_and_errors_are_one_line(
     child.expect_exact(PROMPT)
     assert [m["content"] for m in history(server, "terminal-stop")] == ["after", "echo: after [turns=1]"]
 
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_lock() -> None:
-        body = {"message": "@@deltas=400 @@delay=0.05 elsewhere"}
-        with httpx.stream("POST", f"{server.url}/chat/terminal-stop/stream", json=body, timeout=30) as reply:
-            chunks = reply.iter_bytes()  # kept: a generator dropped here would close the response
-            next(chunks)
-            holding.set()
-            release.wait(30)
-
-    other = threading.Thread(target=hold_the_lock)
-    other.start()
-    try:
-        assert holding.wait(15)
+    with turn_in_flight(server.url, "terminal-stop"):
         child.sendline("meanwhile")
         child.expect(r"error: 409 session_busy: [^\r\n]+\r?\n")
         child.expect_exact(PROMPT)
-    finally:
-        release.set()
-        other.join(30)
 
     child.sendline("/nonsense")
     child.expect_exact("unknown command /nonsense")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 
 from api.config import Settings
 from tests.conftest import LiveApp
-from tests.processes import ROOT, Worker
+from tests.processes import ROOT, Worker, turn_in_flight
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "web-page-key-0123456789"
@@ -163,28 +162,11 @@ def test_a_busy_conversation_and_an_unavailable_model_are_said_plainly(page: Pag
     expect(page.locator(".message.assistant").last).to_have_text("echo: hi [turns=1]")
     session = current_session(page)
 
-    holding = threading.Event()
-    release = threading.Event()
-
-    def hold_the_lock() -> None:
-        body = {"message": "@@deltas=400 @@delay=0.05 elsewhere"}
-        with httpx.stream("POST", f"{server.url}/chat/{session}/stream", json=body, timeout=30) as reply:
-            chunks = reply.iter_bytes()  # kept: a generator dropped here would close the response
-            next(chunks)
-            holding.set()
-            release.wait(30)
-
-    other = threading.Thread(target=hold_the_lock)
-    other.start()
-    try:
-        assert holding.wait(15)
+    with turn_in_flight(server.url, session):
         send(page, "me too")
         expect(page.locator("#status")).to_contain_text("busy with another reply")
         expect(page.locator(".message")).to_have_count(2)
         expect(page.locator("#message")).to_have_value("me too")
-    finally:
-        release.set()
-        other.join(30)
 
     send(page, "@@status=529 @@retry_after=2 overloaded")
     status = page.locator("#status")
