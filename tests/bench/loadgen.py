@@ -171,16 +171,26 @@ async def one_stream(plan: Plan, path: str) -> Result:
     return result
 
 
-async def run(plan: Plan, rounds: int, ramp: float, turns_per_session: int) -> None:
+async def run(plan: Plan, rounds: int, ramp: float, turns_per_session: int, together: bool = False) -> None:
     """Each client (one per path) starts at its place in the ramp and runs `rounds` streams back to back,
-    starting a new session (`{n}` in its path) every `turns_per_session` streams."""
+    starting a new session (`{n}` in its path) every `turns_per_session` streams.
+
+    `together`: the clients run in lockstep instead, every one starting its next stream at the same
+    moment once all of the round before have ended: bursts of simultaneous requests."""
     clients = len(plan.paths)
+
+    def path(index: int, turn: int) -> str:
+        return plan.paths[index].replace("{n}", str(turn // turns_per_session))
+
+    if together:
+        for turn in range(rounds):
+            plan.results += await asyncio.gather(*(one_stream(plan, path(i, turn)) for i in range(clients)))
+        return
 
     async def client(index: int) -> None:
         await asyncio.sleep(ramp * index / clients)
         for turn in range(rounds):
-            path = plan.paths[index].replace("{n}", str(turn // turns_per_session))
-            plan.results.append(await one_stream(plan, path))
+            plan.results.append(await one_stream(plan, path(index, turn)))
 
     await asyncio.gather(*(client(i) for i in range(clients)))
 
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which clients start")
     parser.add_argument("--turns-per-session", type=int, default=10)
+    parser.add_argument("--together", action="store_true", help="rounds in lockstep: bursts of clients")
     parser.add_argument("--sse", action="store_true")
     parser.add_argument("--expect-text", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop  # comes with uvicorn[standard], as the workers' own loop
 
     started = time.perf_counter()
-    uvloop.run(run(plan, args.rounds, args.ramp, args.turns_per_session))
+    uvloop.run(run(plan, args.rounds, args.ramp, args.turns_per_session, args.together))
     json.dump(summary(plan, time.perf_counter() - started), sys.stdout)
 
 

@@ -9,6 +9,8 @@ from typing import Any
 # Targets from the performance goals: (key, limit, True when higher is better).
 GOALS = {
     "ttfb_c1_p50": (2.0, False),
+    "cpu_turn_c1": (0.6, False),
+    "cpu_turn_c50": (0.6, False),
     "max_streams": (1000, True),
     "cpu_per_1k": (0.15, False),
     "kib_per_stream": (20.0, False),
@@ -59,6 +61,12 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "service_whole": service["first_byte"][str(clients)][q],
         }
 
+    def turn_cpu(clients: int) -> dict[str, float | None]:
+        return {
+            name: t[name]["first_byte"][str(clients)].get("cpu_ms_per_turn")
+            for name in ("floor", "tutorial", "service")
+        }
+
     def each(key: str) -> dict[str, float | None]:
         return {name: t[name].get(key) for name in ("floor", "tutorial", "service")}
 
@@ -68,16 +76,18 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("ttfb_c1_p99", "added time to first text byte, p99, 1 client (ms)", added("", 1, "p99_ms"), False),
         (
             "ttfb_c50_p50",
-            "added time to first text byte, p50, 50 clients (ms)",
+            "added time to first text byte, p50, 50 clients at once (ms)",
             added("", 50, "p50_ms"),
             False,
         ),
         (
             "ttfb_c50_p99",
-            "added time to first text byte, p99, 50 clients (ms)",
+            "added time to first text byte, p99, 50 clients at once (ms)",
             added("", 50, "p99_ms"),
             False,
         ),
+        ("cpu_turn_c1", "worker CPU per turn, 1 client (ms)", turn_cpu(1), False),
+        ("cpu_turn_c50", "worker CPU per turn, 50 clients at once (ms)", turn_cpu(50), False),
         (
             "max_streams",
             "concurrent streams one worker holds (p99 ≤ 1.25× duration, no errors)",

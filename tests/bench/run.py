@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a small run that checks the bench works")
     parser.add_argument("--levels", help="comma-separated concurrency levels for the sweep")
     parser.add_argument(
+        "--turns",
+        action="store_true",
+        help="only what a turn costs: first byte and worker CPU per turn, the floor against this service",
+    )
+    parser.add_argument(
         "--repeats", type=int, help="rounds over every arm, interleaved (default 2; 1 with --quick)"
     )
     args = parser.parse_args(argv)
@@ -101,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     load = Load(cores)
+    if args.turns:
+        turns_only(load, cores, repeats, log)
+        return
     with (
         tempfile.TemporaryDirectory(prefix="chat-api-bench-") as work,
         redis_for_bench(cores, Path(work)) as redis,
@@ -173,6 +181,41 @@ def main(argv: list[str] | None = None) -> None:
     report.plot(results, args.out / "sweep.png")
     print(table)
     log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'sweep.png'}")
+
+
+def turns_only(load: Load, cores: Cores, repeats: int, log: Any) -> None:
+    """The floor and this service, alternating: time to the first byte and the worker's CPU per turn,
+    at 1 client and at 50 at once. A minute or two: for comparing two versions of the turn's code."""
+    rows: dict[str, list[dict[str, Any]]] = {"floor": [], "service": []}
+    with (
+        tempfile.TemporaryDirectory(prefix="chat-api-bench-") as work,
+        redis_for_bench(cores, Path(work)) as redis,
+    ):
+        model = standin(cores, Path(work))
+        worker = service_worker(cores, Path(work), redis.url, model.url)
+        auth = ["authorization: Bearer bench-key", "anthropic-version: 2023-06-01"]
+        targets = [
+            Target("floor", model, "/v1/messages", sse=True, headers=auth),
+            Target("service", worker, "/chat/s{run}-{i}-{n}/stream"),
+        ]
+        with running(model, worker):
+            load.run(targets[1], Shape(deltas=5, delay=0.0), clients=10, rounds=2, ramp=0.0, timeout=30)
+            for repeat in range(repeats):
+                for target in targets if repeat % 2 == 0 else targets[::-1]:
+                    log(f"repeat {repeat + 1}: {target.name}")
+                    rows[target.name].append(first_bytes(load, target, False))
+    print(
+        "| repeat | clients | floor p50 / p99 (ms) | service added p50 / p99 (ms) | service CPU per turn (ms) |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for repeat, (floor, service) in enumerate(zip(rows["floor"], rows["service"], strict=True)):
+        for clients in ("1", "50"):
+            f, s = floor[clients], service[clients]
+            print(
+                f"| {repeat + 1} | {clients} | {f['p50_ms']:.2f} / {f['p99_ms']:.2f} "
+                f"| {s['p50_ms'] - f['p50_ms']:.2f} / {s['p99_ms'] - f['p99_ms']:.2f} "
+                f"| {s['cpu_ms_per_turn']:.3f} |"
+            )
 
 
 def first_bytes(load: Load, target: Target, quick: bool) -> dict[str, Any]:
