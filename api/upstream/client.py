@@ -8,7 +8,6 @@ because parsing every event into typed objects is most of a relay's cost per tok
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from opentelemetry import trace
 
 from api.config import Settings
 from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from api.upstream.direct import BadCertificate, DirectUpstream, Refused, Unreachable, certificate_failure
 from api.upstream.events import ReplyDecoder, UpstreamEventError
 from api.upstream.transport import BODY, BodyStream, LeanTransport
 
@@ -70,14 +70,21 @@ class Reply:
 
     __slots__ = ("_on_end", "_on_text", "_read", "_response", "_stream", "decoder", "request_id")
 
-    def __init__(self, response: anthropic.AsyncAPIResponse[Any]) -> None:
+    def __init__(
+        self,
+        response: anthropic.AsyncAPIResponse[Any] | None,
+        stream: BodyStream | None = None,
+        request_id: str | None = None,
+    ) -> None:
         self.decoder = ReplyDecoder()
-        self.request_id: str | None = response.request_id
+        self.request_id: str | None = request_id if response is None else response.request_id
         # On the lean transport only its body stream is kept: the SDK's request and response objects
         # (the request's options, a copy of its messages, both sets of headers) are a good part of
         # what an open stream would otherwise hold in memory.
-        self._stream: BodyStream | None = response.http_response.extensions.get(BODY)
-        self._response = None if self._stream is not None else response
+        if response is not None:
+            stream = response.http_response.extensions.get(BODY)
+        self._stream: BodyStream | None = stream
+        self._response = None if stream is not None else response
         self._read = self._reader(response)
         self._on_text: Callable[[bytes], None] | None = None
         self._on_end: Callable[[ReplyBroken | None], None] | None = None
@@ -161,11 +168,12 @@ class Reply:
         if on_end is not None:
             on_end(broken)
 
-    def _reader(self, response: anthropic.AsyncAPIResponse[Any]) -> Callable[[], Awaitable[bytes]]:
+    def _reader(self, response: anthropic.AsyncAPIResponse[Any] | None) -> Callable[[], Awaitable[bytes]]:
         """The next bytes of the body (b"" at its end): the lean transport's read, straight; any other
         transport's (an egress proxy's) through httpx's iterator."""
         if self._stream is not None:
             return self._stream.body.read
+        assert response is not None
         raw = response.http_response.aiter_bytes()
         return lambda: anext(raw, b"")
 
@@ -194,13 +202,16 @@ def _broken(exc: Exception, done: bool) -> ReplyBroken | None:
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
 
-def http_client(max_connections: int, transport: Literal["lean", "httpx"] = "lean") -> httpx2.AsyncClient:
-    """The SDK's client on the lean transport, or on httpx's own when asked to or when an egress proxy
-    is configured (the lean transport speaks only direct HTTP/1.1)."""
+def http_client(
+    max_connections: int, transport: Literal["lean", "httpx"] = "lean"
+) -> tuple[httpx2.AsyncClient, LeanTransport | None]:
+    """The SDK's client on the lean transport (returned too), or on httpx's own when asked to or when
+    an egress proxy is configured (the lean transport speaks only direct HTTP/1.1)."""
     limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     if transport == "httpx" or any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return anthropic.DefaultAsyncHttpxClient(limits=limits)
-    return anthropic.DefaultAsyncHttpxClient(transport=LeanTransport(limits=limits))
+        return anthropic.DefaultAsyncHttpxClient(limits=limits), None
+    lean = LeanTransport(limits=limits)
+    return anthropic.DefaultAsyncHttpxClient(transport=lean), lean
 
 
 def sdk_tracing() -> Literal[False] | None:
@@ -231,37 +242,38 @@ async def _no_retry_on_bad_certificate(
     try:
         return await call_next(request)
     except anthropic.APIConnectionError as exc:
-        reason = _certificate_failure(exc)
+        reason = certificate_failure(exc)
         if reason is None:
             raise
     raise CertificateRejected(reason)
 
 
-def _certificate_failure(error: BaseException) -> str | None:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return current.verify_message or str(current)
-        current = current.__cause__ or current.__context__
-    return None
-
-
 class Upstream:
     def __init__(self, settings: Settings) -> None:
+        http, lean = http_client(settings.upstream_max_connections, settings.upstream_transport)
+        tracing = sdk_tracing()
         self.client = anthropic.AsyncAnthropic(
             api_key=settings.api_key,
             base_url=settings.anthropic_base_url,
             max_retries=settings.upstream_max_retries,
             timeout=httpx2.Timeout(settings.upstream_timeout_seconds, connect=5.0),
-            http_client=http_client(settings.upstream_max_connections, settings.upstream_transport),
-            open_telemetry=sdk_tracing(),
+            http_client=http,
+            open_telemetry=tracing,
             middleware=[_no_retry_on_bad_certificate],
         )
+        # The direct path, where the SDK's request is all static: on the lean transport, without the
+        # SDK's spans (an embedder who traces keeps them) and unless the SDK's own path is asked for.
+        self.direct: DirectUpstream | None = None
+        if lean is not None and tracing is False and settings.upstream_client == "direct":
+            try:
+                self.direct = DirectUpstream(self.client, lean)
+            except ValueError:
+                self.direct = None
 
     async def open(self, request: UpstreamRequest) -> Reply:
         """Send the request (with the SDK's retries) and return the reply once its headers arrived."""
+        if self.direct is not None:
+            return await self._open_direct(request)
         params: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
@@ -286,6 +298,32 @@ class Upstream:
             ) from exc
         return Reply(response)
 
+    async def _open_direct(self, request: UpstreamRequest) -> Reply:
+        assert self.direct is not None
+        body: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": request.messages,
+            "stream": True,
+        }
+        if request.system:
+            body["system"] = request.system
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        try:
+            stream, request_id = await self.direct.open(body)
+        except Refused as exc:
+            raise status_error(exc.status, exc.headers.get("retry-after"), exc.message) from exc
+        except Unreachable as exc:
+            if exc.timeout:
+                raise UpstreamTimeout("Claude did not answer in time", upstream_error="timeout") from exc
+            raise UpstreamFailed("Claude could not be reached", upstream_error="connection") from exc
+        except BadCertificate as exc:
+            raise UpstreamFailed(
+                f"Claude's TLS certificate was not trusted: {exc}", upstream_error="connection"
+            ) from exc
+        return Reply(None, stream, request_id)
+
     async def aclose(self) -> None:
         await self.client.close()
 
@@ -297,21 +335,25 @@ def open_error(exc: anthropic.APIError) -> ChatError:
     if isinstance(exc, anthropic.APIConnectionError):
         return UpstreamFailed("Claude could not be reached", upstream_error="connection")
     if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        if status in (429, 503, 529):
-            what = "rate-limited" if status == 429 else "overloaded"
-            return UpstreamUnavailable(
-                f"Claude is {what}; try again later",
-                retry_after=_retry_after(exc),
-                upstream_error="rate_limited" if status == 429 else "overloaded",
-            )
-        if status == 504:
-            return UpstreamTimeout("Claude did not answer in time", upstream_error="timeout")
-        return UpstreamFailed(
-            f"Claude refused the request ({status}): {_api_message(exc)}",
-            upstream_error="server_error" if status >= 500 else "refused",
-        )
+        return status_error(exc.status_code, exc.response.headers.get("retry-after"), _api_message(exc))
     return UpstreamFailed("Claude failed", upstream_error="server_error")
+
+
+def status_error(status: int, retry_after: str | None, message: str) -> ChatError:
+    """What our client gets for an error status from Claude, after the retries it allows."""
+    if status in (429, 503, 529):
+        what = "rate-limited" if status == 429 else "overloaded"
+        return UpstreamUnavailable(
+            f"Claude is {what}; try again later",
+            retry_after=_retry_after(retry_after),
+            upstream_error="rate_limited" if status == 429 else "overloaded",
+        )
+    if status == 504:
+        return UpstreamTimeout("Claude did not answer in time", upstream_error="timeout")
+    return UpstreamFailed(
+        f"Claude refused the request ({status}): {message}",
+        upstream_error="server_error" if status >= 500 else "refused",
+    )
 
 
 def _api_message(exc: anthropic.APIStatusError) -> str:
@@ -323,8 +365,7 @@ def _api_message(exc: anthropic.APIStatusError) -> str:
     return exc.message[:300]
 
 
-def _retry_after(exc: anthropic.APIStatusError) -> float:
-    value = exc.response.headers.get("retry-after")
+def _retry_after(value: str | None) -> float:
     try:
         seconds = float(value) if value is not None else DEFAULT_RETRY_AFTER
     except ValueError:

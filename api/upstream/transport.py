@@ -19,7 +19,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol, cast
 
 import httptools
@@ -186,11 +186,12 @@ class _Unexpected(Exception):
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection, one exchange at a time; httptools (llhttp) parses what comes back."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, request: httpx2.Request) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: httpx2.Request | None) -> None:
         self.loop = loop
         # Only until the response head: then httpx attaches the request to any later error itself,
         # and an open stream does not keep the request (its headers, its whole payload) alive.
         self.request: httpx2.Request | None = request
+        self._head_only = False
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = False
@@ -284,7 +285,7 @@ class _Connection(asyncio.Protocol):
         )
         if self._until_close:
             self.reusable = False
-        head_only = self.request is not None and self.request.method == "HEAD"
+        head_only = self._head_only
         self.request = None
         if self._head is not None and not self._head.done():
             self._head.set_result((status, self._reason, headers))
@@ -325,10 +326,11 @@ class _Connection(asyncio.Protocol):
     # one exchange
 
     async def exchange(
-        self, request: httpx2.Request, payload: bytes
+        self, head: bytes, payload: bytes, request: httpx2.Request | None, head_only: bool
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         assert self.transport is not None
         self.request = request
+        self._head_only = head_only
         self.reusable = False
         self._head = self.loop.create_future()
         self._head_bytes = 0
@@ -336,7 +338,7 @@ class _Connection(asyncio.Protocol):
         self._answered = False
         self.last_read = time.monotonic()
         try:
-            self.transport.write(_request_head(request, len(payload)) + payload)
+            self.transport.write(head + payload)
         except (OSError, RuntimeError) as exc:
             raise httpx2.WriteError(str(exc), request=request) from exc
         try:
@@ -435,6 +437,32 @@ class LeanTransport(httpx2.AsyncBaseTransport):
 
         key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
         payload = await request.aread()
+        head = _request_head(request, len(payload))
+        status, reason, headers, stream = await self.send(
+            key, head, payload, timeouts, request, head_only=request.method == "HEAD"
+        )
+        extensions: dict[str, object] = {"http_version": b"HTTP/1.1", "reason_phrase": reason}
+        # `Body` hands out the bytes as sent, so a compressed body (the API gzips event streams for
+        # the SDK's `accept-encoding: gzip`) is left to httpx, which decodes it.
+        if not any(
+            name.lower() == b"content-encoding" and value.lower() != b"identity" for name, value in headers
+        ):
+            extensions[BODY] = stream
+        return httpx2.Response(status, headers=headers, stream=stream, extensions=extensions)
+
+    async def send(
+        self,
+        key: tuple[str, str, int],
+        head: bytes,
+        payload: bytes,
+        timeouts: Mapping[str, float | None],
+        request: httpx2.Request | None = None,
+        *,
+        head_only: bool = False,
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]], BodyStream]:
+        """Send a request whose head is already made (`head` ends with its blank line) on a pooled
+        connection to `key` (scheme, host, port), and return the response's status, reason, headers
+        and body once its head arrived. Errors are httpx2's, carrying `request` when given."""
         if self._limit.locked():  # only then is there a wait to bound (asyncio.timeout: no task per request)
             try:
                 async with asyncio.timeout(timeouts.get("pool")):
@@ -449,7 +477,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             conn.read_timeout = timeouts.get("read")
             self._active.add(conn)
             self._ensure_watchdog()
-            status, reason, headers = await conn.exchange(request, payload)
+            status, reason, headers = await conn.exchange(head, payload, request, head_only)
         except BaseException:
             if conn is not None:
                 self._active.discard(conn)
@@ -458,15 +486,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             raise
         body = conn._body
         assert body is not None
-        stream = BodyStream(self, key, conn, body)
-        extensions: dict[str, object] = {"http_version": b"HTTP/1.1", "reason_phrase": reason}
-        # `Body` hands out the bytes as sent, so a compressed body (the API gzips event streams for
-        # the SDK's `accept-encoding: gzip`) is left to httpx, which decodes it.
-        if not any(
-            name.lower() == b"content-encoding" and value.lower() != b"identity" for name, value in headers
-        ):
-            extensions[BODY] = stream
-        return httpx2.Response(status, headers=headers, stream=stream, extensions=extensions)
+        return status, reason, headers, BodyStream(self, key, conn, body)
 
     def _idle_connection(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
@@ -497,7 +517,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         return sum(len(idle) for idle in self._idle.values())
 
     async def _connect(
-        self, key: tuple[str, str, int], request: httpx2.Request, connect_timeout: float | None
+        self, key: tuple[str, str, int], request: httpx2.Request | None, connect_timeout: float | None
     ) -> _Connection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
