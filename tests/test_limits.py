@@ -366,8 +366,8 @@ async def test_admission_costs_one_round_trip(redis_url: str, make_settings: Cal
 @pytest.mark.parametrize(
     ("limits", "round_trips", "scripts"),
     [
-        # admit; begin_turn (the lock and the history); commit_turn with settle
-        pytest.param(True, 3, 4, id="with-limits"),
+        # admit with begin_turn (the lock and the history) in one script; commit_turn with settle in one
+        pytest.param(True, 2, 2, id="with-limits"),
         # begin_turn; commit_turn
         pytest.param(False, 2, 2, id="no-limits"),
     ],
@@ -375,7 +375,8 @@ async def test_admission_costs_one_round_trip(redis_url: str, make_settings: Cal
 def test_what_a_committed_turn_costs_redis(
     redis_url: str, live_app: StartApp, limits: bool, round_trips: int, scripts: int
 ) -> None:
-    """Counted on the wire: each step one script, the commit and the settlement together."""
+    """Counted on the wire: admission and the lock together, then the commit and the settlement
+    together, each pair one script."""
     from tests.bench.redis_meter import RedisMeter
 
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")

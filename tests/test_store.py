@@ -205,8 +205,10 @@ async def test_a_commit_whose_reply_was_lost_is_sent_again_and_applied_once(
     real = api.store.history.run_together
     sends = []
 
-    async def reply_lost_once(redis: Redis, calls: list, confirm: object = None) -> list:  # type: ignore[type-arg]
-        results = await real(redis, calls, confirm)  # Redis applied it...
+    async def reply_lost_once(
+        redis: Redis, calls: list, confirm: object = None, bundle: object = None
+    ) -> list:  # type: ignore[type-arg]
+        results = await real(redis, calls, confirm, bundle)  # type: ignore[arg-type]  # Redis applied it...
         sends.append(results)
         if len(sends) == 1:
             raise RedisTimeoutError("Timeout reading from socket")  # ...but the reply never came

@@ -21,7 +21,7 @@ from api.config import Settings
 from api.errors import StoreUnavailable
 from api.store.keys import tenant_key
 from api.store.redis import Client
-from api.store.scripts import ScriptCall, Scripts, give_back
+from api.store.scripts import Bundle, ScriptCall, Scripts, give_back
 
 WINDOW_MS = 60_000
 
@@ -100,19 +100,50 @@ class Admission:
         """
         if not self.enabled:
             return Decision(True)
-        keys, lease = self.keys(subject), secrets.token_hex(12)
+        ticket = self.ticket(subject)
         try:
-            reply = await ScriptCall(self.scripts.admit, keys[:2], self._args("1", lease)).run()
-            quota = self._quota(reply)
-            refused_by = _text(reply[1])
-            retry_after = max(1, math.ceil(int(reply[2]) / 1000))
+            reply = await self.admit_call(ticket).run()
+            return self.decision(ticket, reply)
         except BaseException as exc:
-            await give_back(self.settle_call(Ticket(keys, lease), 0))
+            await give_back(self.settle_call(ticket, 0))
             if isinstance(exc, RedisError):
-                raise self._unavailable() from exc
+                raise self.unavailable() from exc
             raise
+
+    async def admit_then(
+        self, subject: str, then: ScriptCall, undo: ScriptCall, bundle: Bundle
+    ) -> tuple[Decision, Any]:
+        """`admit`, and in the same script `then`, run only if the request was admitted; its reply
+        comes second (None when refused). If the reply is lost, `undo` gives back what `then` took."""
+        ticket = self.ticket(subject)
+        try:
+            replies = await bundle.run([self.admit_call(ticket), then], gated=True)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            decision = self.decision(ticket, replies[0])
+            return decision, replies[1] if decision.allowed else None
+        except BaseException as exc:
+            await give_back(self.settle_call(ticket, 0))
+            await give_back(undo)
+            if isinstance(exc, RedisError):
+                raise self.unavailable() from exc
+            raise
+
+    def ticket(self, subject: str) -> Ticket:
+        """A new request's hold on `subject`'s limits, not yet taken (see `admit_call`)."""
+        return Ticket(self.keys(subject), secrets.token_hex(12))
+
+    def admit_call(self, ticket: Ticket) -> ScriptCall:
+        """The call that admits `ticket`'s request; its reply goes to `decision`."""
+        return ScriptCall(self.scripts.admit, ticket.keys[:2], self._args("1", ticket.lease))
+
+    def decision(self, ticket: Ticket, reply: list[Any]) -> Decision:
+        quota = self._quota(reply)
         if reply[0] == 1:
-            return Decision(True, Ticket(keys, lease), quota)
+            return Decision(True, ticket, quota)
+        refused_by = _text(reply[1])
+        retry_after = max(1, math.ceil(int(reply[2]) / 1000))
         limit = {"requests": self.requests, "tokens": self.tokens}.get(refused_by, self.streams)
         return Decision(False, None, quota, _MESSAGES[refused_by].format(limit=limit), retry_after)
 
@@ -123,10 +154,10 @@ class Admission:
         try:
             reply = await self.scripts.admit(keys=self.keys(subject)[:2], args=self._args("0", ""))
         except RedisError as exc:
-            raise self._unavailable() from exc
+            raise self.unavailable() from exc
         return self._quota(reply)
 
-    def _unavailable(self) -> StoreUnavailable:
+    def unavailable(self) -> StoreUnavailable:
         if self.on_error is not None:
             self.on_error()
         # Refusing is the safe side: letting requests through unchecked would hand out Claude's

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,7 +24,7 @@ from api.store.keys import SessionKeys
 from api.store.locks import SessionLock
 from api.store.redis import Client
 from api.store.replies import CommitTail
-from api.store.scripts import Confirm, ScriptCall, Scripts, give_back, run_together
+from api.store.scripts import Bundle, Confirm, ScriptCall, Scripts, give_back, run_together
 
 COMMIT_RETRY_DELAYS = (0.05, 0.25)  # then one last try
 
@@ -101,6 +102,8 @@ class SessionStore:
         wait_timeout: float = 5.0,
     ) -> None:
         self.redis = redis
+        # Calls sent together go as one script, where one script may touch them all.
+        self.bundle = None if isinstance(redis, RedisCluster) else Bundle(redis, scripts)
         # Each commit waits for this many replicas to hold it, so that a failover cannot lose it.
         self.confirm = Confirm(wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas else None
         self.on_error = on_error  # told of every Redis failure, e.g. to count it
@@ -118,13 +121,23 @@ class SessionStore:
         """
         try:
             async with redis_errors(self.on_error):
-                reply = await ScriptCall(self.scripts.begin_turn, keys.all(), [token, self.lock_ttl_ms]).run()
-            if reply[0] == 0:
-                return None
-            messages = [orjson.loads(raw) for raw in reply[3]]
+                reply = await self.begin_call(keys, token).run()
+            return self.snapshot(keys, token, reply)
         except BaseException:
-            await give_back(ScriptCall(self.scripts.release_lock, [keys.lock], [token]))
+            await give_back(self.release_call(keys, token))
             raise
+
+    def begin_call(self, keys: SessionKeys, token: str) -> ScriptCall:
+        """The call that locks the session and reads its history; its reply goes to `snapshot`."""
+        return ScriptCall(self.scripts.begin_turn, keys.all(), [token, self.lock_ttl_ms])
+
+    def release_call(self, keys: SessionKeys, token: str) -> ScriptCall:
+        return ScriptCall(self.scripts.release_lock, [keys.lock], [token])
+
+    def snapshot(self, keys: SessionKeys, token: str, reply: list[Any]) -> Snapshot | None:
+        if reply[0] == 0:
+            return None
+        messages = [orjson.loads(raw) for raw in reply[3]]
         lock = SessionLock(self.redis, self.scripts, keys.lock, token, self.lock_ttl_ms)
         return Snapshot(lock, int(reply[1]), int(reply[2]), messages)
 
@@ -182,12 +195,12 @@ class SessionStore:
         reply failed (its retry would then store the turn twice)."""
         for delay in COMMIT_RETRY_DELAYS:
             try:
-                return await run_together(self.redis, calls, self.confirm)
+                return await run_together(self.redis, calls, self.confirm, self.bundle)
             except (RedisConnectionError, RedisTimeoutError):
                 if self.on_error is not None:
                     self.on_error()
                 await asyncio.sleep(delay)
-        return await run_together(self.redis, calls, self.confirm)
+        return await run_together(self.redis, calls, self.confirm, self.bundle)
 
     async def create(self, keys: SessionKeys) -> bool:
         async with redis_errors(self.on_error):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from api.store.redis import Client
-from api.store.scripts import ScriptCall, run_together
+from api.store.scripts import Bundle, ScriptCall, run_together
 
 log = logging.getLogger("api.store.renewals")
 
@@ -29,8 +29,15 @@ class Renewable(Protocol):
 
 
 class Renewer:
-    def __init__(self, redis: Client, period: float, on_error: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        redis: Client,
+        period: float,
+        on_error: Callable[[], None] | None = None,
+        bundle: Bundle | None = None,
+    ) -> None:
         self.redis = redis
+        self.bundle = bundle
         self.period = period
         self.on_error = on_error
         self._held: set[Renewable] = set()
@@ -58,7 +65,7 @@ class Renewer:
         if not calls:
             return
         try:
-            results = await run_together(self.redis, calls)
+            results = await run_together(self.redis, calls, bundle=self.bundle)
         except Exception:
             # Redis is away: the locks may lapse, and then the commits' fence refuses those turns.
             if self.on_error is not None:

@@ -31,6 +31,39 @@ def script_source(name: str) -> str:
     return resources.files("api.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
+# Runs several of the scripts below in one EVALSHA, each as it would run alone (its own KEYS and ARGV,
+# its own error kept in its place), optionally each only if the one before it said yes.
+_BUNDLE_RUNNER = """
+-- ARGV[1] '1': run each call only while every call before it returned {1, ...}; '0': run them all
+-- ARGV[2] how many calls; then for each: the script's index, its key count, its arg count
+-- then every call's args, in order; KEYS: every call's keys, in order
+-- returns each call's result (an error reply in place of one that failed), up to the last one run
+local gated, count = ARGV[1] == '1', tonumber(ARGV[2])
+local results, k, a = {}, 0, 2 + 3 * count
+for i = 1, count do
+  local base = 2 + 3 * (i - 1)
+  local run = scripts[tonumber(ARGV[base + 1])]
+  local nk, na = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j] end
+  for j = 1, na do args[j] = ARGV[a + j] end
+  k, a = k + nk, a + na
+  local ok, result = pcall(run, keys, args)
+  if ok then
+    results[i] = result
+  elseif type(result) == 'table' and result.err then
+    results[i] = result
+  else
+    results[i] = {err = tostring(result)}
+  end
+  if gated and not (ok and type(result) == 'table' and result[1] == 1) then
+    break
+  end
+end
+return results
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Scripts:
     begin_turn: AsyncScript
@@ -54,6 +87,38 @@ class Scripts:
     @classmethod
     def sources(cls) -> list[str]:
         return [script_source(name) for name in cls.__dataclass_fields__]
+
+
+class Bundle:
+    """Every script in one, so that calls a step makes together cost one EVALSHA on one Redis instead
+    of a pipeline (redis-py's pipeline costs a worker about twice a single call's CPU), and calls
+    that depend on each other (admission, then the session's lock) need no second round trip.
+
+    Not on a cluster: a script may touch only the keys of one slot there, and these calls' keys are
+    in different slots. The calls run as one atomic step, which each of them was already alone.
+    """
+
+    def __init__(self, redis: Client, scripts: Scripts) -> None:
+        names = list(Scripts.__dataclass_fields__)
+        functions = [
+            f"scripts[{index}] = function(KEYS, ARGV)\n{script_source(name)}\nend"
+            for index, name in enumerate(names, 1)
+        ]
+        self.script = redis.register_script("local scripts = {}\n" + "\n".join(functions) + _BUNDLE_RUNNER)
+        self._index = {getattr(scripts, name).sha: index for index, name in enumerate(names, 1)}
+
+    async def run(self, calls: Sequence[ScriptCall], *, gated: bool = False) -> list[Any]:
+        """Each call's result, or a `ResponseError` in its place; with `gated`, only up to the first
+        call whose result is not {1, ...}. A connection error raises."""
+        keys: list[str] = []
+        layout: list[EncodableT] = ["1" if gated else "0", len(calls)]
+        args: list[EncodableT] = []
+        for call in calls:
+            layout += [self._index[call.script.sha], len(call.keys), len(call.args)]
+            keys += call.keys
+            args += call.args
+        results: list[Any] = await self.script(keys=keys, args=layout + args)
+        return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,18 +150,21 @@ class Confirm:
 
 
 async def run_together(
-    redis: Client, calls: Sequence[ScriptCall], confirm: Confirm | None = None
+    redis: Client, calls: Sequence[ScriptCall], confirm: Confirm | None = None, bundle: Bundle | None = None
 ) -> list[Any]:
     """Run scripts in one round trip (one per node on a cluster, sent at once): a pipeline, not a
     transaction, as each script is atomic on its own.
 
     A script's own error comes back in its place in the list, so one failing does not hide that the
     others ran; a connection error raises. With `confirm`, WAIT's reply (how many replicas hold the
-    first call's writes) comes last. (A Script object in a pipeline would check SCRIPT EXISTS first,
+    first call's writes) comes last. With a `bundle` (one Redis, not a cluster) and nothing to
+    confirm, they go as one script. (A Script object in a pipeline would check SCRIPT EXISTS first,
     a round trip more; a NOSCRIPT reply is rare enough to pay for when it happens.)
     """
     if len(calls) == 1 and confirm is None:
         return [await _run_one(calls[0])]
+    if bundle is not None and confirm is None:
+        return await bundle.run(calls)
     results = await _send(redis, calls, confirm)
     missing = [
         index for index, result in enumerate(results[: len(calls)]) if isinstance(result, NoScriptError)

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from api.config import Settings
 from api.errors import (
@@ -34,7 +34,7 @@ from api.errors import (
     UpstreamUnavailable,
 )
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.store.admission import Admission, Quota, Ticket
+from api.store.admission import Admission, Decision, Quota, Ticket
 from api.store.history import (
     CommitRefused,
     CommitUnconfirmed,
@@ -381,7 +381,9 @@ class ChatService:
         self.recorder = recorder
         self.admission = admission
         self.slots = slots
-        self.renewer = renewer or Renewer(store.redis, settings.lock_ttl_seconds / 3, store.on_error)
+        self.renewer = renewer or Renewer(
+            store.redis, settings.lock_ttl_seconds / 3, store.on_error, store.bundle
+        )
         lock_ttl_ms = store.lock_ttl_ms
         self.replies = ReplyLogs(
             store.redis, store.scripts, settings.redis_prefix, lock_ttl_ms, store.on_error
@@ -570,16 +572,27 @@ class ChatService:
         self, request: TurnRequest, keys: SessionKeys | None, hold: Hold
     ) -> Duplicate | None:
         """Take from the caller's limits, then, for a session, take its lock and read its history.
-        The limits go first and alone, so that a request they refuse never touches its session."""
-        decision = await self.admission.admit(request.subject)
+        The limits go first, so that a request they refuse never touches its session."""
+        token = new_token(request.protocol)
+        if (
+            keys is not None
+            and hold.claim is None
+            and self.admission.enabled
+            and self.store.bundle is not None
+        ):
+            # One round trip where one script can reach both: the lock is taken only once admitted.
+            decision, snapshot = await self._admit_and_begin(request.subject, keys, token)
+        else:
+            decision, snapshot = await self.admission.admit(request.subject), None
         request.quota = decision.quota
         if not decision.allowed:
             raise RateLimited(decision.message, retry_after=decision.retry_after)
         hold.ticket = decision.ticket
         if keys is None:
             return None
-        token = new_token(request.protocol)
-        if hold.claim is None:
+        if snapshot is not None:
+            hold.snapshot = snapshot if snapshot is not False else None
+        elif hold.claim is None:
             hold.snapshot = await self.store.begin(keys, token)
         else:
             claim = await self.idempotency.begin(keys, hold.claim, token, hold.fingerprint)
@@ -604,6 +617,20 @@ class ChatService:
         if self.settings.reply_log == "always":
             self.reader_asked(token)
         return None
+
+    async def _admit_and_begin(
+        self, subject: str, keys: SessionKeys, token: str
+    ) -> tuple[Decision, Snapshot | Literal[False] | None]:
+        """Admission and, if it admits, the session's lock and history, in one round trip. The
+        snapshot is False when another turn holds the lock."""
+        store = self.store
+        assert store.bundle is not None
+        decision, reply = await self.admission.admit_then(
+            subject, store.begin_call(keys, token), store.release_call(keys, token), store.bundle
+        )
+        if reply is None:
+            return decision, None
+        return decision, store.snapshot(keys, token, reply) or False
 
     async def quota(self, subject: str) -> Quota | None:
         """The request limit as it stands, for a response refused before admission; None if unknown."""
@@ -649,7 +676,7 @@ class ChatService:
             return
         try:
             # Shielded: a client leaving mid-cleanup must not leave the session locked for a ttl.
-            results = await asyncio.shield(run_together(self.store.redis, calls))
+            results = await asyncio.shield(run_together(self.store.redis, calls, bundle=self.store.bundle))
         except Exception:
             if self.store.on_error is not None:
                 self.store.on_error()
