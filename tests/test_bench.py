@@ -71,7 +71,7 @@ def test_a_quick_bench_run_measures_every_target_and_writes_its_report(tmp_path:
 
 def synthetic_results() -> dict[str, Any]:
     def target(first_ms: float, streams: int, cpu: float, kib: float) -> dict[str, Any]:
-        first = {"p50_ms": first_ms, "p99_ms": first_ms * 2}
+        first = {"p50_ms": first_ms, "p99_ms": first_ms * 2, "cpu_ms_per_turn": cpu * 4}
         return {
             "first_byte": {"1": first, "50": first},
             "max_streams": streams,
@@ -95,7 +95,7 @@ def synthetic_results() -> dict[str, Any]:
 def test_the_table_gives_each_figure_against_both_baselines_and_its_goal() -> None:
     lines = report.markdown(synthetic_results()).splitlines()
     assert lines[0].split(" | ")[4:6] == ["vs floor", "vs tutorial"]
-    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in lines[2:11]}
+    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in lines[2:13]}
     # floor, tutorial, service, vs floor, vs tutorial, goal, met
     assert cells["added time to first text byte, p50, 1 client (ms)"][:7] == [
         "0.00", "4.00", "1.00", "0.33×", "4.0×", "≤ 2.00", "yes |",
@@ -105,16 +105,22 @@ def test_the_table_gives_each_figure_against_both_baselines_and_its_goal() -> No
     ]  # fmt: skip
     assert cells["CPU-seconds per 1,000 deltas at 200 streams"][3:7] == ["0.2×", "2.5×", "≤ 0.15", "**no** |"]
     assert cells["memory per open stream (KiB)"][3:7] == ["0.62×", "9.4×", "≤ 20", "yes |"]
+    # What starting a turn costs the worker: 0.8 ms against the goal of 0.6.
+    assert cells["worker CPU per turn, 50 clients at once (ms)"][:7] == [
+        "0.16", "2.00", "0.80", "0.2×", "2.5×", "≤ 0.60", "**no** |",
+    ]  # fmt: skip
     assert cells["Redis round trips per committed turn"][2:7] == ["2.00", "", "", "≤ 3", "yes |"]
     assert "- a note" in lines
 
 
 def test_a_part_stays_only_where_it_buys_fifteen_percent_in_every_repeat() -> None:
-    def figures(cpu: float, streams: int, kib: float) -> dict[str, float | None]:
-        return {"cpu_per_1k": cpu, "max_streams": streams, "kib_per_stream": kib}
+    def figures(cpu: float, streams: int, kib: float, turn: float = 0.6) -> dict[str, float | None]:
+        return {"cpu_per_1k": cpu, "max_streams": streams, "kib_per_stream": kib, "cpu_turn_c50": turn}
 
     runs = {
         "service": [figures(0.10, 1500, 15.0), figures(0.12, 1500, 15.0)],
+        # Per delta and per stream the same, but each turn a third more CPU, in both.
+        "sdk_requests": [figures(0.10, 1500, 15.0, 0.8), figures(0.12, 1500, 15.0, 0.8)],
         # 20% less CPU in one repeat, 8% in the other: not in every repeat.
         "stock_transport": [figures(0.125, 1500, 16.0), figures(0.13, 1500, 16.0)],
         # 25% less memory in both.
@@ -127,4 +133,5 @@ def test_a_part_stays_only_where_it_buys_fifteen_percent_in_every_repeat() -> No
     assert decisions["fastapi_routing"]["keep"] is True
     assert decisions["fastapi_routing"]["by"] == ["kib_per_stream"]
     assert decisions["stock_protocol"]["by"] == ["max_streams"]
+    assert decisions["sdk_requests"]["by"] == ["cpu_turn_c50"]
     assert [round(g, 2) for g in decisions["stock_transport"]["gains"]["cpu_per_1k"]] == [0.2, 0.08]
