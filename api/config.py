@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     # "lean": api/upstream/transport.py under the SDK; "httpx": the SDK's own transport. Each hand-written
     # part has a switch back to the library it replaces, for the bench's ablation and as a way out.
     upstream_transport: Literal["lean", "httpx"] = "lean"
+    # "direct": api/upstream/direct.py sends the request the SDK would; "sdk": the SDK builds each one.
     upstream_client: Literal["direct", "sdk"] = "direct"
 
     # Admission control.
