@@ -241,7 +241,7 @@ def run_target(
     log(f"{target.name}: warm-up")
     load.run(target, Shape(deltas=5, delay=0.0), clients=10, rounds=2, ramp=0.0, timeout=30)
     # Memory first, while the process has not yet grown to the sweep's peak and kept it.
-    memory = measure.memory_per_stream(load, target, 50 if quick else 500, seconds=2.5 if quick else 10.0)
+    memory = measure.memory_per_stream(load, target, 50 if quick else 500, seconds=1.0 if quick else 10.0)
     log(f"{target.name}: {memory['kib_per_stream']:.1f} KiB per open stream; first byte")
     first = first_bytes(load, target, quick)
     log(f"{target.name}: sweep")
