@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     # "lean": api/upstream/transport.py under the SDK; "httpx": the SDK's own transport. Each hand-written
     # part has a switch back to the library it replaces, for the bench's ablation and as a way out.
     upstream_transport: Literal["lean", "httpx"] = "lean"
+    # "auto": each request marks the conversation for Claude's prompt cache (docs/usage-and-caching.md).
+    prompt_cache: Literal["auto", "off"] = "auto"
 
     # Admission control.
     # Secret, so that printing the settings never shows a key.
@@ -100,6 +102,8 @@ class Settings(BaseSettings):
     rate_limit_concurrent: int = Field(0, ge=0)
     worker_max_streams: int = Field(0, ge=0)
     worker_queue_seconds: float = Field(0.0, ge=0, le=3600)
+    # Days each UTC day's usage is kept after it ended; also the longest range GET /usage answers.
+    usage_retention_days: int = Field(90, ge=1, le=3660)
 
     # Serving.
     host: str = "127.0.0.1"

@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from api.config import Settings
 from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from api.upstream.caching import prompt
 from api.upstream.events import ReplyDecoder, UpstreamEventError
 from api.upstream.transport import BODY, BodyStream, LeanTransport
 
@@ -259,20 +260,19 @@ class Upstream:
             open_telemetry=sdk_tracing(),
             middleware=[_no_retry_on_bad_certificate],
         )
+        self.prompt_cache = settings.prompt_cache == "auto"
 
     async def open(self, request: UpstreamRequest) -> Reply:
         """Send the request (with the SDK's retries) and return the reply once its headers arrived."""
         params: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
-            "messages": request.messages,
+            **prompt(request.messages, request.system, cache=self.prompt_cache),
             "stream": True,
             # The SDK asks for gzip; a compressed stream would have to go through httpx's decoders
             # instead of being read straight off the lean transport. Text deltas compress little.
             "extra_headers": {"accept-encoding": "identity"},
         }
-        if request.system:
-            params["system"] = request.system
         if request.temperature is not None:
             # The SDK's `create` no longer names it; the Messages API still takes it in the body.
             params["extra_body"] = {"temperature": request.temperature}
