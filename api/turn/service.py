@@ -555,13 +555,17 @@ class ChatService:
                 hold.snapshot.messages = []
             self._keep_alive(hold)
             user_text = body.message or ""
+            # This turn's commit drops the oldest stored message: the context's start moves with it.
+            capped = not body.regenerate and len(history) + 2 > self.settings.history_max_messages
             if body.regenerate:
                 if len(history) < 2 or history[-1]["role"] != "assistant" or history[-2]["role"] != "user":
                     raise InvalidRequest("there is no reply to regenerate in this session")
                 user_text = history[-2]["content"]
                 history = history[:-2]
             budget = self.settings.context_max_tokens - estimate_tokens(upstream_request.system or "")
-            upstream_request.messages = build_context(history, user_text, budget)
+            upstream_request.messages = build_context(
+                history, user_text, budget, stable=self.settings.prompt_cache == "auto", capped=capped
+            )
         except BaseException:
             await self.release(hold)
             raise
