@@ -298,3 +298,11 @@ def test_usage_is_exact_over_fifty_turns_on_two_workers(
             body = httpx.get(f"{worker.url}/usage", timeout=5).json()
             assert body["total"] == reported
             assert [row["model"] for row in body["usage"]] == ["claude-sonnet-4-6"]
+
+
+def test_the_caching_figure_in_the_docs_comes_from_the_bench_script(redis_url: str, prefix: str) -> None:
+    from tests.bench.caching import billed, conversation
+
+    off, auto = (conversation(redis_url, mode, 3, prefix) for mode in ("off", "auto"))
+    assert off["turns"] == auto["turns"] == 3
+    assert auto["cache_read_input_tokens"] > 0 and billed(auto) < billed(off)
