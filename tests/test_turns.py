@@ -352,7 +352,8 @@ def test_context_is_trimmed_to_the_budget_and_starts_with_the_user(
 
 
 def test_stored_history_is_capped(live_app: StartApp) -> None:
-    app = live_app(history_max_messages=4)
+    # Without the prompt cache, whose context would open on a checkpoint (tests/test_context.py).
+    app = live_app(history_max_messages=4, prompt_cache="off")
     for n in range(4):
         app.chat("cap", f"m{n}")
     assert [m["content"] for m in app.history("cap")] == [
