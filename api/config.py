@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     upstream_transport: Literal["lean", "httpx"] = "lean"
     # "direct": api/upstream/direct.py sends the request the SDK would; "sdk": the SDK builds each one.
     upstream_client: Literal["direct", "sdk"] = "direct"
+    # "auto": each request marks the conversation for Claude's prompt cache (docs/usage-and-caching.md).
+    prompt_cache: Literal["auto", "off"] = "auto"
 
     # Admission control.
     # Secret, so that printing the settings never shows a key.
@@ -102,6 +104,8 @@ class Settings(BaseSettings):
     rate_limit_concurrent: int = Field(0, ge=0)
     worker_max_streams: int = Field(0, ge=0)
     worker_queue_seconds: float = Field(0.0, ge=0, le=3600)
+    # Days each UTC day's usage is kept after it ended; also the longest range GET /usage answers.
+    usage_retention_days: int = Field(90, ge=1, le=3660)
 
     # Serving.
     host: str = "127.0.0.1"

@@ -31,8 +31,10 @@ class TurnReport:
     detail: str | None = None
     upstream_error: str | None = None  # one of api.upstream.client.UPSTREAM_ERRORS when Claude failed
     model: str | None = None
-    input_tokens: int = 0
+    input_tokens: int = 0  # as Claude reports it: the prompt's tokens not read from or written to its cache
     output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
     duration_seconds: float = 0.0
     first_token_seconds: float | None = None
     upstream_request_id: str | None = None

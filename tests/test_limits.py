@@ -23,6 +23,7 @@ from api.store.admission import Admission
 from api.store.keys import session_keys
 from api.store.redis import make_redis
 from api.store.scripts import Scripts
+from api.store.usage import TurnUsage
 from tests.conftest import LiveApp
 from tests.test_requests import assert_error
 
@@ -87,7 +88,7 @@ async def test_a_refused_request_takes_nothing_from_any_limit(
         refused = await admission.admit("k")
         assert not refused.allowed and refused.message.startswith("over the limit of 1 replies streaming")
     assert first.ticket is not None
-    await admission.settle_call(first.ticket, 0).run()
+    await admission.settle_call(first.ticket, None).run()
     second = await admission.admit("k")
     assert second.allowed and second.quota is not None and second.quota.remaining == 8
     # Looking takes nothing either.
@@ -104,8 +105,8 @@ async def test_a_resent_admission_or_settlement_counts_once(admission_for: Calla
     args = ["1", ticket.lease, 10, 100, 0, 5000, 60_000]
     resent = await admission.scripts.admit(keys=ticket.keys, args=args)
     assert resent[0] == 1 and resent[3] == 9  # admitted, and still only one request taken
-    assert await admission.settle_call(ticket, 60).run() == 1
-    assert await admission.settle_call(ticket, 60).run() == 0
+    assert await admission.settle_call(ticket, TurnUsage("m", 50, 10)).run() == 1
+    assert await admission.settle_call(ticket, TurnUsage("m", 50, 10)).run() == 0
     assert (await admission.admit("k")).allowed  # 60 of 100 tokens used, not 120
 
 
@@ -299,8 +300,9 @@ async def test_a_turn_whose_lease_lapsed_is_still_charged_once(
     assert decision.ticket is not None
     await asyncio.sleep(0.3)  # the lease is gone
     assert not rdb.exists(decision.ticket.keys[1])
-    assert await admission.settle_call(decision.ticket, 150).run() == 1
-    assert await admission.settle_call(decision.ticket, 150).run() == 0  # a re-send charges nothing
+    used = TurnUsage("m", 100, 50)
+    assert await admission.settle_call(decision.ticket, used).run() == 1
+    assert await admission.settle_call(decision.ticket, used).run() == 0  # a re-send charges nothing
     refused = await admission.admit("k")
     assert not refused.allowed and refused.message.startswith("over the limit of 100 tokens")
 
@@ -316,7 +318,7 @@ async def test_a_renewal_that_arrives_after_the_settlement_does_not_revive_the_l
     assert decision.ticket is not None
     leases = decision.ticket.keys[1]
     renewal = admission.renew_call(decision.ticket)  # built, not yet sent
-    assert await admission.settle_call(decision.ticket, 0).run() == 1
+    assert await admission.settle_call(decision.ticket, None).run() == 1
     assert await renewal.run() == 0  # ...and now it arrives
     assert rdb.zcard(leases) == 0
     assert (await admission.admit("k")).allowed  # the caller's one stream is free at once
@@ -368,7 +370,7 @@ async def test_admission_costs_one_round_trip(redis_url: str, make_settings: Cal
     [
         # admit with begin_turn (the lock and the history) in one script; commit_turn with settle in one
         pytest.param(True, 2, 2, id="with-limits"),
-        # begin_turn; commit_turn
+        # begin_turn; commit_turn with settle (which counts the turn's usage even with no limit) in one
         pytest.param(False, 2, 2, id="no-limits"),
     ],
 )

@@ -90,6 +90,8 @@ async def test_without_the_fast_path_a_turn_goes_through_fastapi(
 def _message_of(request: RecordedRequest) -> str | None:
     messages = (request.body or {}).get("messages") or [{}]
     content = messages[-1].get("content")
+    if isinstance(content, list) and content:  # marked for the prompt cache: one text block
+        content = content[0].get("text")
     return content if isinstance(content, str) else None
 
 
@@ -127,7 +129,12 @@ async def test_the_upstream_client_setting_picks_who_builds_the_request(
     assert sent.body == {
         "model": "m",
         "max_tokens": 16,
-        "messages": [{"role": "user", "content": mark}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": mark, "cache_control": {"type": "ephemeral"}}],
+            }
+        ],
         "stream": True,
     }
 

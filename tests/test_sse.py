@@ -26,7 +26,12 @@ def transcript(texts: list[str], eol: str = "\n") -> bytes:
         "type": "message_start",
         "message": {
             "id": "msg_1",
-            "usage": {"input_tokens": 7, "cache_read_input_tokens": 3, "output_tokens": 1},
+            "usage": {
+                "input_tokens": 7,
+                "cache_read_input_tokens": 3,
+                "cache_creation_input_tokens": 2,
+                "output_tokens": 1,
+            },
         },
     }
     parts = [
@@ -67,7 +72,10 @@ def test_every_split_gives_the_same_text_and_usage(eol: str) -> None:
         assert out.decode() == "".join(TEXTS), size
         assert decoder.done
         assert decoder.stop_reason == "end_turn"
-        assert decoder.input_tokens == 10
+        # The cache's reads and writes are kept apart from the uncached input, as Claude bills them.
+        assert decoder.input_tokens == 7
+        assert decoder.cache_read_input_tokens == 3
+        assert decoder.cache_creation_input_tokens == 2
         assert decoder.output_tokens == 9
         assert decoder.message_id == "msg_1"
 

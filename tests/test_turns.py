@@ -34,9 +34,14 @@ SERVERS = [pytest.param(ChatHttpProtocol, id="chat-protocol"), pytest.param("htt
 
 
 def redis_state(rdb: sync_redis.Redis, prefix: str) -> dict[str, Any]:
-    """Every key under the test's prefix with its value: what "Redis exactly as it was" compares."""
+    """Every key under the test's prefix with its value: what "Redis exactly as it was" compares.
+
+    Not the caller's usage (and the settlements that keep it exact): a turn that reached Claude was
+    billed for, however it ended, and is counted (tests/test_usage.py)."""
     state: dict[str, Any] = {}
     for key in rdb.scan_iter(f"{prefix}:*"):
+        if ":usage:" in key or key.endswith(":settled"):
+            continue
         kind = rdb.type(key)
         if kind == "list":
             state[key] = rdb.lrange(key, 0, -1)
@@ -69,7 +74,11 @@ def test_a_conversation_remembers_its_history(live_app: StartApp, standin: Stand
     assert sent["messages"] == [
         {"role": "user", "content": "one"},
         {"role": "assistant", "content": "echo: one [turns=1]"},
-        {"role": "user", "content": "two"},
+        # The newest message marks the conversation for the prompt cache (CHAT_PROMPT_CACHE=auto).
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "two", "cache_control": {"type": "ephemeral"}}],
+        },
     ]
     history = app.history("conv")
     assert [m["content"] for m in history] == ["one", "echo: one [turns=1]", "two", "echo: two [turns=2]"]
@@ -289,7 +298,7 @@ def test_a_slow_client_holds_the_upstream_back_and_still_gets_the_whole_reply(
 
 
 def test_regenerate_asks_again_and_replaces_the_reply(live_app: StartApp, standin: StandInModel) -> None:
-    app = live_app()
+    app = live_app(prompt_cache="off")  # messages as plain strings, with no cache marker
     app.chat("r", "first")
     app.chat("r", "second")
     before = app.history("r")
@@ -330,7 +339,7 @@ def test_a_failed_regenerate_keeps_the_old_reply(
 def test_context_is_trimmed_to_the_budget_and_starts_with_the_user(
     live_app: StartApp, standin: StandInModel
 ) -> None:
-    app = live_app(context_max_tokens=40)
+    app = live_app(context_max_tokens=40, prompt_cache="off")
     for n in range(6):
         app.chat("ctx", f"message number {n} " + "word " * 10)
     sent = standin.requests[-1].body
@@ -343,7 +352,8 @@ def test_context_is_trimmed_to_the_budget_and_starts_with_the_user(
 
 
 def test_stored_history_is_capped(live_app: StartApp) -> None:
-    app = live_app(history_max_messages=4)
+    # Without the prompt cache, whose context would open on a checkpoint (tests/test_context.py).
+    app = live_app(history_max_messages=4, prompt_cache="off")
     for n in range(4):
         app.chat("cap", f"m{n}")
     assert [m["content"] for m in app.history("cap")] == [

@@ -23,6 +23,10 @@ can steer it with no shared state (they are removed from the echoed text; unknow
     @@pings             add ping, unknown and ``event:``-less events to exercise SSE parsers
     @@unicode           append " héllo 世界 🙂" to the reply
 
+Prompt caching is emulated as the API does it (`api/dev/prompt_cache.py`): a prefix marked with
+``cache_control`` and at least ``cache_min_tokens`` long is written, and read by a later request that
+starts with it, which message_start's usage reports. ``usage`` keeps what each reply reported.
+
 A non-streaming reply is sent after ``first_delay + delay * deltas`` seconds; the mid-stream faults apply
 to streams only, and count_tokens honours only the @@status family.
 ``python -m api.dev.standin --port 8001`` serves until SIGINT/SIGTERM and prints ``listening on <url>``.
@@ -50,7 +54,9 @@ from typing import Any, cast
 
 import orjson
 
-__all__ = ["RecordedRequest", "StandInModel", "StandInThread", "main"]
+from api.dev.prompt_cache import DEFAULT_MIN_TOKENS, DEFAULT_TTL_SECONDS, PromptCache, TooManyBreakpoints
+
+__all__ = ["RecordedRequest", "ReportedUsage", "StandInModel", "StandInThread", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,16 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lower-case names
     body: dict[str, Any] | None  # None unless the body is a JSON object
+
+
+@dataclass(slots=True)
+class ReportedUsage:
+    """The usage one reply reported: message_start's, and its final output_tokens once it completed."""
+
+    input_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    output_tokens: int = 1
 
 
 # --- wire constants: built once, so each event costs one formatting step and one write -------------------
@@ -96,12 +112,12 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _MSG_START = (
     b'{"type":"message_start","message":{"id":"%b","type":"message","role":"assistant","model":%b,'
     b'"content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":%d,"output_tokens":1,'
-    b'"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"service_tier":"standard"}}}'
+    b'"cache_creation_input_tokens":%d,"cache_read_input_tokens":%d,"service_tier":"standard"}}}'
 )
 _MESSAGE = (
     b'{"id":"%b","type":"message","role":"assistant","model":%b,"content":[{"type":"text","text":%b}],'
     b'"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":%d,"output_tokens":%d,'
-    b'"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"service_tier":"standard"}}'
+    b'"cache_creation_input_tokens":%d,"cache_read_input_tokens":%d,"service_tier":"standard"}}'
 )
 _MSG_DELTA = (
     b'{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
@@ -277,6 +293,8 @@ class _Reply:
     deltas: list[str]
     delay: float
     d: _Directives
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
 
 
 def _plan_reply(body: dict[str, Any], default_delay: float) -> _Reply:
@@ -312,7 +330,15 @@ class _Request:
 
 def _message(reply: _Reply) -> bytes:
     text = orjson.dumps("".join(reply.deltas))
-    return _MESSAGE % (_new_id("msg_").encode(), reply.model, text, reply.input_tokens, len(reply.deltas))
+    return _MESSAGE % (
+        _new_id("msg_").encode(),
+        reply.model,
+        text,
+        reply.input_tokens,
+        len(reply.deltas),
+        reply.cache_creation_input_tokens,
+        reply.cache_read_input_tokens,
+    )
 
 
 async def _forever() -> None:
@@ -498,8 +524,20 @@ class _Connection(asyncio.Protocol):
         if req.path == _COUNT_TOKENS:
             self._send(req, 200, b'{"input_tokens":%d}' % reply.input_tokens, _new_id("req_"))
             return None
+        try:
+            cached = owner.prompt_cache.usage(body, reply.input_tokens)
+        except TooManyBreakpoints as exc:
+            raise _Reject(str(exc)) from None
+        reply.input_tokens = cached.input_tokens
+        reply.cache_creation_input_tokens = cached.cache_creation_input_tokens
+        reply.cache_read_input_tokens = cached.cache_read_input_tokens
+        usage = ReportedUsage(
+            cached.input_tokens, cached.cache_creation_input_tokens, cached.cache_read_input_tokens
+        )
+        owner._report(usage)
         if body.get("stream") is True:
-            return self._stream(req, reply)
+            return self._stream(req, reply, usage)
+        usage.output_tokens = len(reply.deltas)
         wait = d.first_delay + reply.delay * len(reply.deltas)
         if d.hang_before or wait > 0:
             return self._send_message_later(req, reply, wait)
@@ -512,7 +550,7 @@ class _Connection(asyncio.Protocol):
         await asyncio.sleep(wait)
         self._send(req, 200, _message(reply), _new_id("req_"))
 
-    async def _stream(self, req: _Request, reply: _Reply) -> None:
+    async def _stream(self, req: _Request, reply: _Reply, usage: ReportedUsage) -> None:
         owner, transport, d = self._owner, self._transport, reply.d
         assert transport is not None
         owner.streams_started += 1
@@ -522,7 +560,13 @@ class _Connection(asyncio.Protocol):
             await _forever()
         request_id = _new_id("req_")
         head = _SSE_HEAD % (request_id.encode(), b"" if req.keep_alive else _CLOSE_LINE.encode())
-        start = _MSG_START % (_new_id("msg_").encode(), reply.model, reply.input_tokens)
+        start = _MSG_START % (
+            _new_id("msg_").encode(),
+            reply.model,
+            reply.input_tokens,
+            reply.cache_creation_input_tokens,
+            reply.cache_read_input_tokens,
+        )
         start = _event(b"message_start", start) + _CB_START + _PING + (_DATA_ONLY if d.pings else b"")
         if d.first_delay > 0:
             transport.write(head)
@@ -546,6 +590,7 @@ class _Connection(asyncio.Protocol):
             transport.write(_PING + _FUTURE + _delta_chunk(text) if d.pings and i else _delta_chunk(text))
 
         if d.fault is None:
+            usage.output_tokens = len(deltas)
             transport.write(_tail(len(deltas)))
             self._end_stream(completed=True)
         elif d.fault == "hang":
@@ -570,11 +615,20 @@ class _Connection(asyncio.Protocol):
 class StandInModel:
     """The stand-in server. Counters and ``requests`` are updated on the server's event loop."""
 
-    def __init__(self, *, delay: float = 0.0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        delay: float = 0.0,
+        api_key: str | None = None,
+        cache_min_tokens: int = DEFAULT_MIN_TOKENS,
+        cache_ttl: float = DEFAULT_TTL_SECONDS,
+    ) -> None:
         if not 0 <= delay < math.inf:
             raise ValueError(f"delay must be a non-negative number of seconds, got {delay!r}")
         self.delay = delay
         self.api_key = api_key
+        self.prompt_cache = PromptCache(cache_min_tokens, cache_ttl)
+        self.usage: list[ReportedUsage] = []  # what the last MAX_RECORDED replies reported, oldest first
         self.port = 0
         self.url = ""
         self.requests: list[RecordedRequest] = []  # the last MAX_RECORDED requests, oldest first
@@ -623,6 +677,11 @@ class StandInModel:
         if len(self.requests) > MAX_RECORDED:
             del self.requests[0]
 
+    def _report(self, usage: ReportedUsage) -> None:
+        self.usage.append(usage)
+        if len(self.usage) > MAX_RECORDED:
+            del self.usage[0]
+
     def _authorized(self, headers: dict[str, str]) -> bool:
         auth = headers.get("authorization", "")
         key = (auth[7:].strip() if auth[:7].lower() == "bearer " else "") or headers.get("x-api-key", "")
@@ -635,9 +694,15 @@ class StandInThread:
     """Runs a :class:`StandInModel` on its own event loop in a daemon thread, for synchronous callers."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0, api_key: str | None = None
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delay: float = 0.0,
+        api_key: str | None = None,
+        cache_min_tokens: int = DEFAULT_MIN_TOKENS,
     ) -> None:
-        self.model = StandInModel(delay=delay, api_key=api_key)
+        self.model = StandInModel(delay=delay, api_key=api_key, cache_min_tokens=cache_min_tokens)
         self._address = (host, port)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -670,7 +735,7 @@ class StandInThread:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    model = StandInModel(delay=args.delay, api_key=args.api_key)
+    model = StandInModel(delay=args.delay, api_key=args.api_key, cache_min_tokens=args.cache_min_tokens)
     await model.start(args.host, args.port)
     print(f"listening on {model.url}", flush=True)
     stop = asyncio.Event()
@@ -690,6 +755,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between streamed deltas")
     parser.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
+    parser.add_argument(
+        "--cache-min-tokens",
+        type=int,
+        default=DEFAULT_MIN_TOKENS,
+        help="the shortest prefix, in tokens, the prompt cache keeps",
+    )
     import uvloop  # the event loop the workers run on too; a benchmark's upstream must not be the bottleneck
 
     with contextlib.suppress(KeyboardInterrupt):

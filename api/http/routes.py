@@ -33,7 +33,7 @@ from api.http.state import AppState
 from api.http.streaming import TurnResponse
 from api.ops.metrics import CONTENT_TYPE
 from api.outcomes import Outcome, TurnReport
-from api.turn.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory
+from api.turn.schemas import ChatRequest, ErrorBody, NewSession, SessionHistory, Usage
 from api.turn.service import SESSION_ID, ChatService, TurnRequest, check_session_id
 
 log = logging.getLogger("api")
@@ -246,6 +246,43 @@ async def delete_session(session_id: SessionIdPath, chat: ChatDep, caller: Calle
 async def new_session(chat: ChatDep, caller: CallerDep) -> Response:
     session_id = await chat.create_session(caller.tenant)
     return Response(orjson.dumps({"session_id": session_id}), status_code=201, media_type="application/json")
+
+
+_USAGE_PARAMETERS = {
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": {"type": "string", "format": "date"},
+        }
+        for name, description in (
+            ("from", "The first UTC day, YYYY-MM-DD; 30 days before `to` (that day included) if omitted"),
+            ("to", "The last UTC day, YYYY-MM-DD, included; today if omitted"),
+        )
+    ]
+}
+
+
+@router.get(
+    "/usage",
+    response_model=Usage,
+    responses={status: _ERRORS[status] for status in (400, 401, 503)},
+    openapi_extra=_USAGE_PARAMETERS,
+    summary="The calling key's usage per UTC day and model; at most CHAT_USAGE_RETENTION_DAYS days",
+)
+async def usage(request: Request, chat: ChatDep, caller: CallerDep) -> Response:
+    query = request.query_params
+    report = await chat.usage(caller.subject, query.get("from"), query.get("to"))
+    body = {
+        "key": None,  # the key's name, once keys are named: never the key or its digest
+        "from": report.first.isoformat(),
+        "to": report.last.isoformat(),
+        "usage": [{"day": row.day.isoformat(), "model": row.model, **row.counts} for row in report.days],
+        "total": report.totals(),
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get("/healthz", summary="Liveness")

@@ -7,7 +7,7 @@
 | `chat_time_to_first_token_seconds` | histogram | request start to Claude's first text |
 | `chat_stream_duration_seconds` | histogram | request start to end, for replies that started |
 | `chat_upstream_errors_total` | counter | `type`: one of `api.upstream.client.UPSTREAM_ERRORS` |
-| `chat_tokens_total` | counter | `direction`: input, output (as Claude counted them, failed turns too) |
+| `chat_tokens_total` | counter | `direction`: input, output, cache_read, cache_write (as Claude counted them, failed turns too) |
 | `chat_redis_errors_total` | counter | session reads and writes that failed: Redis unreachable or too slow |
 
 With several processes per container (`CHAT_WORKERS` > 1) `chat-api serve` points
@@ -82,6 +82,8 @@ class Metrics:
         self._upstream = {kind: self.upstream_errors.labels(kind) for kind in UPSTREAM_ERRORS}
         self._tokens_in = self.tokens.labels("input")
         self._tokens_out = self.tokens.labels("output")
+        self._tokens_cache_read = self.tokens.labels("cache_read")
+        self._tokens_cache_write = self.tokens.labels("cache_write")
 
     def watch(self, recorder: OutcomeRecorder) -> None:
         recorder.observers.append(self.observe)
@@ -100,6 +102,10 @@ class Metrics:
             self._tokens_in.inc(report.input_tokens)
         if report.output_tokens:
             self._tokens_out.inc(report.output_tokens)
+        if report.cache_read_input_tokens:
+            self._tokens_cache_read.inc(report.cache_read_input_tokens)
+        if report.cache_creation_input_tokens:
+            self._tokens_cache_write.inc(report.cache_creation_input_tokens)
 
     def redis_error(self) -> None:
         self.redis_errors.inc()

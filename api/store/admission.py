@@ -2,8 +2,9 @@
 
 Admission is one script (`admit.lua`), so one round trip, on Redis's clock; it checks every limit and
 takes from them only if all allow the request, so concurrent requests on any number of workers can
-never overshoot. An admitted request holds a lease until `settle.lua` gives it back and charges the
-tokens its turn used; the lease expires on its own if its worker dies.
+never overshoot. An admitted request holds a lease until `settle.lua` gives it back, charges the
+tokens its turn used and counts its usage (`usage.py`); the lease expires on its own if its worker dies.
+With no limit configured there is no lease to take, but a turn is still settled, for its usage.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -22,6 +24,7 @@ from api.errors import StoreUnavailable
 from api.store.keys import tenant_key
 from api.store.redis import Client
 from api.store.scripts import Bundle, ScriptCall, Scripts, give_back
+from api.store.usage import TurnUsage, settle_args, settle_keys
 
 WINDOW_MS = 60_000
 
@@ -55,6 +58,7 @@ class Ticket:
     keys: tuple[str, str, str]
     lease: str
     settled: bool = False
+    leased: bool = True  # False when no limit is configured: nothing was taken, only usage is settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,7 @@ class Admission:
         self.streams = settings.rate_limit_concurrent
         self.lease_ttl_ms = max(1, int(settings.lock_ttl_seconds * 1000))
         self.enabled = bool(self.requests or self.tokens or self.streams)
+        self.usage_retention_days = settings.usage_retention_days
 
     def keys(self, subject: str) -> tuple[str, str, str]:
         """The caller's limits, stream leases and recent settlements (admit.lua reads the first two)."""
@@ -99,13 +104,13 @@ class Admission:
         at once, for nothing, rather than hold one of the caller's streams for a lease ttl.
         """
         if not self.enabled:
-            return Decision(True)
+            return Decision(True, Ticket(self.keys(subject), secrets.token_hex(12), leased=False))
         ticket = self.ticket(subject)
         try:
             reply = await self.admit_call(ticket).run()
             return self.decision(ticket, reply)
         except BaseException as exc:
-            await give_back(self.settle_call(ticket, 0))
+            await give_back(self.settle_call(ticket, None))
             if isinstance(exc, RedisError):
                 raise self.unavailable() from exc
             raise
@@ -124,7 +129,7 @@ class Admission:
             decision = self.decision(ticket, replies[0])
             return decision, replies[1] if decision.allowed else None
         except BaseException as exc:
-            await give_back(self.settle_call(ticket, 0))
+            await give_back(self.settle_call(ticket, None))
             await give_back(undo)
             if isinstance(exc, RedisError):
                 raise self.unavailable() from exc
@@ -164,8 +169,22 @@ class Admission:
         # capacity (and its bill) without any of the limits this deployment asked for.
         return StoreUnavailable("the limits cannot be checked now; try again shortly", retry_after=1)
 
-    def settle_call(self, ticket: Ticket, tokens: int) -> ScriptCall:
-        return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, tokens, self.tokens, WINDOW_MS])
+    def settle_call(self, ticket: Ticket, usage: TurnUsage | None) -> ScriptCall:
+        """Give back the ticket's lease and, for a turn that reached Claude, charge and count `usage`."""
+        if usage is None:
+            return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, 0, self.tokens, WINDOW_MS])
+        today = datetime.now(UTC).date()
+        return ScriptCall(
+            self.scripts.settle,
+            [*ticket.keys, *settle_keys(ticket.keys[0], today)],
+            [
+                ticket.lease,
+                usage.limited(),
+                self.tokens,
+                WINDOW_MS,
+                *settle_args(usage, today, self.usage_retention_days),
+            ],
+        )
 
     def renew_call(self, ticket: Ticket) -> ScriptCall:
         return ScriptCall(self.scripts.renew_lease, ticket.keys[1:], [ticket.lease, self.lease_ttl_ms])

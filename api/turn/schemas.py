@@ -104,3 +104,26 @@ class SessionHistory(BaseModel):
 
 class NewSession(BaseModel):
     session_id: str
+
+
+class UsageCounts(BaseModel):
+    turns: int = Field(description="Turns that reached Claude, cut and failed ones included.")
+    input_tokens: int = Field(description="Prompt tokens neither read from nor written to the prompt cache.")
+    output_tokens: int
+    cache_read_input_tokens: int = Field(description="Prompt tokens read from the cache (a tenth the price).")
+    cache_creation_input_tokens: int = Field(description="Prompt tokens written to the cache.")
+
+
+class UsageRow(UsageCounts):
+    day: str = Field(description="A UTC day, YYYY-MM-DD.")
+    model: str
+
+
+class Usage(BaseModel):
+    key: str | None = Field(
+        None, description="The calling key's name, where keys are named; null otherwise. Never the key."
+    )
+    from_: str = Field(alias="from", description="The first day of the range, YYYY-MM-DD (UTC).")
+    to: str = Field(description="The last day of the range, included.")
+    usage: list[UsageRow] = Field(description="One row per day and model that had usage, oldest first.")
+    total: UsageCounts = Field(description="The rows added up.")

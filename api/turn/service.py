@@ -49,10 +49,12 @@ from api.store.keys import SessionKeys, session_keys
 from api.store.renewals import Renewer
 from api.store.replies import FAILED, CommitTail, ReplyLogs
 from api.store.scripts import ScriptCall, run_together
+from api.store.usage import TurnUsage
 from api.turn.context import build_context, estimate_tokens
 from api.turn.resume import Duplicate, Follower, ReplyTap, new_token, protocol_of
 from api.turn.schemas import ChatRequest
 from api.turn.slots import GenerationSlots
+from api.turn.usage import UsageReport, usage_report
 from api.upstream.client import Reply, ReplyBroken, Upstream, UpstreamRequest
 
 log = logging.getLogger("api.turn.service")
@@ -98,21 +100,39 @@ class Hold:
     tap: ReplyTap | None = None  # writes the reply for readers, once one asked
     parts: bytearray | None = None  # the reply so far, once it began
     reader: asyncio.Future[None] | None = None  # resolved when a reader asks
+    model: str = ""  # whose usage the turn's settlement counts
 
     def renewals(self) -> tuple[ScriptCall | None, ScriptCall | None]:
         lock = self.snapshot.lock.renew_call() if self.snapshot is not None else None
         ticket, admission = self.ticket, self.admission
-        lease = admission.renew_call(ticket) if ticket is not None and admission is not None else None
+        lease = None
+        if ticket is not None and ticket.leased and admission is not None:
+            lease = admission.renew_call(ticket)
         return lock, lease
 
-    def tokens(self) -> int:
+    def usage(self) -> TurnUsage | None:
+        """What the turn used, for its settlement; None if it never reached Claude."""
         if self.reply is None:
-            return 0
+            return None
         decoder = self.reply.decoder
         output = decoder.output_tokens
         if not decoder.done:  # the final usage never came; the text sent was paid for all the same
             output = max(output, (self.relayed + 3) // 4)
-        return decoder.input_tokens + output
+        return TurnUsage(
+            self.model,
+            decoder.input_tokens,
+            output,
+            decoder.cache_read_input_tokens,
+            decoder.cache_creation_input_tokens,
+        )
+
+
+def report_usage(report: TurnReport, reply: Reply) -> None:
+    decoder = reply.decoder
+    report.input_tokens = decoder.input_tokens
+    report.output_tokens = decoder.output_tokens
+    report.cache_read_input_tokens = decoder.cache_read_input_tokens
+    report.cache_creation_input_tokens = decoder.cache_creation_input_tokens
 
 
 class Turn:
@@ -266,9 +286,9 @@ class Turn:
         output_tokens = self.reply.decoder.output_tokens or estimate_tokens(reply_text)
         reply_id = self.reply_id or message_id()
         messages.append(stored_message(reply_id, "assistant", reply_text, reply_ms, output_tokens))
-        # The turn's limits are settled in the commit's round trip: one fewer on every turn.
+        # The turn's limits and usage are settled in the commit's round trip: one fewer on every turn.
         ticket = self.hold.ticket
-        also = [] if ticket is None else [self._service.admission.settle_call(ticket, self.hold.tokens())]
+        also = [] if ticket is None else [self._service.admission.settle_call(ticket, self.hold.usage())]
         tail = await self._service.commit_tail(self.hold, self.keys, snapshot.lock.token)
         self._service.renewer.discard(self.hold)  # the commit releases the lock and the lease itself
         try:
@@ -297,9 +317,7 @@ class Turn:
 
     async def close(self) -> None:
         """Give back what the turn holds. Safe to call on every path, once."""
-        decoder = self.reply.decoder
-        self.report.input_tokens = decoder.input_tokens
-        self.report.output_tokens = decoder.output_tokens
+        report_usage(self.report, self.reply)
         await self._service.release(self.hold)
 
 
@@ -358,8 +376,7 @@ class Admitted:
             if isinstance(exc, ChatError) and exc.upstream_error is not None:
                 report.upstream_error = exc.upstream_error
             if hold.reply is not None:
-                report.input_tokens = hold.reply.decoder.input_tokens
-                report.output_tokens = hold.reply.decoder.output_tokens
+                report_usage(report, hold.reply)
             await service.release(hold)
             raise
 
@@ -480,6 +497,14 @@ class ChatService:
             raise NotFound(f"no session {session_id!r}")
         return page
 
+    async def usage(self, subject: str, start: str | None, end: str | None) -> UsageReport:
+        """The caller's usage per day and model; `start` and `end` as the query string gave them."""
+        settings = self.settings
+        async with redis_errors(self.store.on_error):
+            return await usage_report(
+                self.store.redis, settings.redis_prefix, subject, start, end, settings.usage_retention_days
+            )
+
     async def delete(self, tenant: str, session_id: str) -> None:
         if not await self.store.delete(self.keys(tenant, session_id)):
             raise NotFound(f"no session {session_id!r}")
@@ -510,7 +535,7 @@ class ChatService:
         if body.regenerate and keys is None:
             raise InvalidRequest("there is nothing to regenerate without a session")
 
-        hold = Hold(keys=keys)
+        hold = Hold(keys=keys, model=upstream_request.model)
         if keys is not None and request.idempotency_key is not None:
             hold.claim = record_key(keys, request.idempotency_key)
             hold.fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:32]
@@ -532,13 +557,17 @@ class ChatService:
                 hold.snapshot.messages = []
             self._keep_alive(hold)
             user_text = body.message or ""
+            # This turn's commit drops the oldest stored message: the context's start moves with it.
+            capped = not body.regenerate and len(history) + 2 > self.settings.history_max_messages
             if body.regenerate:
                 if len(history) < 2 or history[-1]["role"] != "assistant" or history[-2]["role"] != "user":
                     raise InvalidRequest("there is no reply to regenerate in this session")
                 user_text = history[-2]["content"]
                 history = history[:-2]
             budget = self.settings.context_max_tokens - estimate_tokens(upstream_request.system or "")
-            upstream_request.messages = build_context(history, user_text, budget)
+            upstream_request.messages = build_context(
+                history, user_text, budget, stable=self.settings.prompt_cache == "auto", capped=capped
+            )
         except BaseException:
             await self.release(hold)
             raise
@@ -641,7 +670,7 @@ class ChatService:
             return None
 
     def _keep_alive(self, hold: Hold) -> None:
-        if hold.snapshot is not None or hold.ticket is not None:
+        if hold.snapshot is not None or (hold.ticket is not None and hold.ticket.leased):
             hold.admission = self.admission
             self.renewer.add(hold)
 
@@ -671,7 +700,10 @@ class ChatService:
             calls.append(hold.snapshot.lock.release_call())
         if hold.ticket is not None and not hold.ticket.settled:
             hold.ticket.settled = True
-            calls.append(self.admission.settle_call(hold.ticket, hold.tokens()))
+            usage = hold.usage()
+            # With no limits there is no lease to give back: only a turn that reached Claude is settled.
+            if hold.ticket.leased or usage is not None:
+                calls.append(self.admission.settle_call(hold.ticket, usage))
         if not calls:
             return
         try:

@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from api.config import Settings
 from api.errors import ChatError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from api.upstream.caching import prompt
 from api.upstream.direct import BadCertificate, DirectUpstream, Refused, Unreachable, certificate_failure
 from api.upstream.events import ReplyDecoder, UpstreamEventError
 from api.upstream.transport import BODY, BodyStream, LeanTransport
@@ -261,6 +262,7 @@ class Upstream:
             open_telemetry=tracing,
             middleware=[_no_retry_on_bad_certificate],
         )
+        self.prompt_cache = settings.prompt_cache == "auto"
         # The direct path, where the SDK's request is all static: on the lean transport, without the
         # SDK's spans (an embedder who traces keeps them) and unless the SDK's own path is asked for.
         self.direct: DirectUpstream | None = None
@@ -277,14 +279,12 @@ class Upstream:
         params: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
-            "messages": request.messages,
+            **prompt(request.messages, request.system, cache=self.prompt_cache),
             "stream": True,
             # The SDK asks for gzip; a compressed stream would have to go through httpx's decoders
             # instead of being read straight off the lean transport. Text deltas compress little.
             "extra_headers": {"accept-encoding": "identity"},
         }
-        if request.system:
-            params["system"] = request.system
         if request.temperature is not None:
             # The SDK's `create` no longer names it; the Messages API still takes it in the body.
             params["extra_body"] = {"temperature": request.temperature}
@@ -303,11 +303,9 @@ class Upstream:
         body: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
-            "messages": request.messages,
+            **prompt(request.messages, request.system, cache=self.prompt_cache),
             "stream": True,
         }
-        if request.system:
-            body["system"] = request.system
         if request.temperature is not None:
             body["temperature"] = request.temperature
         try:

@@ -25,6 +25,8 @@ class ReplyDecoder:
     __slots__ = (
         "_cr_pending",
         "_pending",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
         "done",
         "error",
         "input_tokens",
@@ -40,7 +42,11 @@ class ReplyDecoder:
         self.error: UpstreamEventError | None = None  # an error event that came after text in one read
         self.stop_reason: str | None = None
         self.message_id: str | None = None
+        # As Claude reports them: input_tokens is only the part of the prompt neither read from nor
+        # written to the prompt cache.
         self.input_tokens = 0
+        self.cache_creation_input_tokens = 0
+        self.cache_read_input_tokens = 0
         self.output_tokens = 0
 
     def feed(self, chunk: bytes) -> bytes:
@@ -119,14 +125,14 @@ class ReplyDecoder:
 
     def _usage(self, usage: dict[str, Any]) -> None:
         # message_delta's counts are cumulative and overwrite message_start's when present.
-        input_tokens = sum(
-            usage.get(name) or 0
-            for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-        )
-        if input_tokens:
-            self.input_tokens = input_tokens
-        if usage.get("output_tokens") is not None:
-            self.output_tokens = int(usage["output_tokens"])
+        if (value := usage.get("input_tokens")) is not None:
+            self.input_tokens = int(value)
+        if (value := usage.get("cache_creation_input_tokens")) is not None:
+            self.cache_creation_input_tokens = int(value)
+        if (value := usage.get("cache_read_input_tokens")) is not None:
+            self.cache_read_input_tokens = int(value)
+        if (value := usage.get("output_tokens")) is not None:
+            self.output_tokens = int(value)
 
 
 _HANDLED = frozenset({b"message_start", b"message_delta", b"message_stop", b"content_block_start", b"error"})
