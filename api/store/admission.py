@@ -1,5 +1,8 @@
 """Each caller's limits, shared by every worker: requests and tokens per minute, streams at once.
 
+The limits themselves come with each call (a named key may carry its own, api/keyring.py): the
+scripts take them as arguments, so a change of them applies from the next request, on every worker.
+
 Admission is one script (`admit.lua`), so one round trip, on Redis's clock; it checks every limit and
 takes from them only if all allow the request, so concurrent requests on any number of workers can
 never overshoot. An admitted request holds a lease until `settle.lua` gives it back and charges the
@@ -33,6 +36,23 @@ _MESSAGES = {
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """One caller's limits; 0 is no limit."""
+
+    requests: int = 0  # per minute
+    tokens: int = 0  # per minute
+    streams: int = 0  # at once
+
+    @classmethod
+    def defaults(cls, settings: Settings) -> Limits:
+        return cls(settings.rate_limit_requests, settings.rate_limit_tokens, settings.rate_limit_concurrent)
+
+    @property
+    def unlimited(self) -> bool:
+        return not (self.requests or self.tokens or self.streams)
+
+
+@dataclass(frozen=True, slots=True)
 class Quota:
     """The request limit as the caller sees it, for the RateLimit-* headers."""
 
@@ -54,6 +74,7 @@ class Ticket:
 
     keys: tuple[str, str, str]
     lease: str
+    tokens_limit: int = 0  # the caller's tokens per minute when it was admitted
     settled: bool = False
 
 
@@ -78,11 +99,8 @@ class Admission:
         self.on_error = on_error  # told of every Redis failure, e.g. to count it
         self.scripts = scripts
         self.prefix = settings.redis_prefix
-        self.requests = settings.rate_limit_requests
-        self.tokens = settings.rate_limit_tokens
-        self.streams = settings.rate_limit_concurrent
+        self.defaults = Limits.defaults(settings)  # for a caller that brings no limits of its own
         self.lease_ttl_ms = max(1, int(settings.lock_ttl_seconds * 1000))
-        self.enabled = bool(self.requests or self.tokens or self.streams)
 
     def keys(self, subject: str) -> tuple[str, str, str]:
         """The caller's limits, stream leases and recent settlements (admit.lua reads the first two)."""
@@ -92,39 +110,42 @@ class Admission:
             tenant_key(self.prefix, subject, "settled"),
         )
 
-    async def admit(self, subject: str) -> Decision:
+    async def admit(self, subject: str, limits: Limits | None = None) -> Decision:
         """Check and take every limit at once; a refused request takes nothing.
 
         A reply that never came back (or could not be read) may leave the lease taken: it is settled
         at once, for nothing, rather than hold one of the caller's streams for a lease ttl.
         """
-        if not self.enabled:
+        limits = self.defaults if limits is None else limits
+        if limits.unlimited:
             return Decision(True)
         keys, lease = self.keys(subject), secrets.token_hex(12)
+        ticket = Ticket(keys, lease, limits.tokens)
         try:
-            reply = await ScriptCall(self.scripts.admit, keys[:2], self._args("1", lease)).run()
-            quota = self._quota(reply)
+            reply = await ScriptCall(self.scripts.admit, keys[:2], self._args("1", lease, limits)).run()
+            quota = self._quota(reply, limits)
             refused_by = _text(reply[1])
             retry_after = max(1, math.ceil(int(reply[2]) / 1000))
         except BaseException as exc:
-            await give_back(self.settle_call(Ticket(keys, lease), 0))
+            await give_back(self.settle_call(ticket, 0))
             if isinstance(exc, RedisError):
                 raise self._unavailable() from exc
             raise
         if reply[0] == 1:
-            return Decision(True, Ticket(keys, lease), quota)
-        limit = {"requests": self.requests, "tokens": self.tokens}.get(refused_by, self.streams)
+            return Decision(True, ticket, quota)
+        limit = {"requests": limits.requests, "tokens": limits.tokens}.get(refused_by, limits.streams)
         return Decision(False, None, quota, _MESSAGES[refused_by].format(limit=limit), retry_after)
 
-    async def peek(self, subject: str) -> Quota | None:
+    async def peek(self, subject: str, limits: Limits | None = None) -> Quota | None:
         """The request limit as it stands, taking nothing: for responses refused before admission."""
-        if not self.requests:
+        limits = self.defaults if limits is None else limits
+        if not limits.requests:
             return None
         try:
-            reply = await self.scripts.admit(keys=self.keys(subject)[:2], args=self._args("0", ""))
+            reply = await self.scripts.admit(keys=self.keys(subject)[:2], args=self._args("0", "", limits))
         except RedisError as exc:
             raise self._unavailable() from exc
-        return self._quota(reply)
+        return self._quota(reply, limits)
 
     def _unavailable(self) -> StoreUnavailable:
         if self.on_error is not None:
@@ -134,19 +155,21 @@ class Admission:
         return StoreUnavailable("the limits cannot be checked now; try again shortly", retry_after=1)
 
     def settle_call(self, ticket: Ticket, tokens: int) -> ScriptCall:
-        return ScriptCall(self.scripts.settle, ticket.keys, [ticket.lease, tokens, self.tokens, WINDOW_MS])
+        return ScriptCall(
+            self.scripts.settle, ticket.keys, [ticket.lease, tokens, ticket.tokens_limit, WINDOW_MS]
+        )
 
     def renew_call(self, ticket: Ticket) -> ScriptCall:
         return ScriptCall(self.scripts.renew_lease, ticket.keys[1:], [ticket.lease, self.lease_ttl_ms])
 
-    def _args(self, take: str, lease: str) -> list[EncodableT]:
-        return [take, lease, self.requests, self.tokens, self.streams, self.lease_ttl_ms, WINDOW_MS]
+    def _args(self, take: str, lease: str, limits: Limits) -> list[EncodableT]:
+        return [take, lease, limits.requests, limits.tokens, limits.streams, self.lease_ttl_ms, WINDOW_MS]
 
-    def _quota(self, reply: list[Any]) -> Quota | None:
+    def _quota(self, reply: list[Any], limits: Limits) -> Quota | None:
         remaining = int(reply[3])
         if remaining < 0:
             return None
-        return Quota(self.requests, remaining, math.ceil(int(reply[4]) / 1000))
+        return Quota(limits.requests, remaining, math.ceil(int(reply[4]) / 1000))
 
 
 def _text(value: object) -> str:

@@ -34,7 +34,7 @@ from api.errors import (
     UpstreamUnavailable,
 )
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.store.admission import Admission, Quota, Ticket
+from api.store.admission import Admission, Limits, Quota, Ticket
 from api.store.history import (
     CommitRefused,
     CommitUnconfirmed,
@@ -76,6 +76,7 @@ class TurnRequest:
     session_id: str | None
     body: ChatRequest | None  # taken by `ChatService.open_turn`
     subject: str = ""  # whose limits apply; see `api.http.auth.Caller`
+    limits: Limits | None = None  # the subject's own limits; None: the CHAT_RATE_LIMIT_* defaults
     quota: Quota | None = None  # the request limit as admission left it, for the response headers
     protocol: str = "text"  # what the reply is sent as; a resumed reply is sent the same way
     idempotency_key: str | None = None
@@ -571,7 +572,7 @@ class ChatService:
     ) -> Duplicate | None:
         """Take from the caller's limits, then, for a session, take its lock and read its history.
         The limits go first and alone, so that a request they refuse never touches its session."""
-        decision = await self.admission.admit(request.subject)
+        decision = await self.admission.admit(request.subject, request.limits)
         request.quota = decision.quota
         if not decision.allowed:
             raise RateLimited(decision.message, retry_after=decision.retry_after)
@@ -605,10 +606,10 @@ class ChatService:
             self.reader_asked(token)
         return None
 
-    async def quota(self, subject: str) -> Quota | None:
+    async def quota(self, subject: str, limits: Limits | None = None) -> Quota | None:
         """The request limit as it stands, for a response refused before admission; None if unknown."""
         try:
-            return await self.admission.peek(subject)
+            return await self.admission.peek(subject, limits)
         except Exception:
             log.debug("could not read the limits for a refused request", exc_info=True)
             return None
