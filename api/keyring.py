@@ -135,6 +135,8 @@ def _describe(exc: ValidationError, data: object) -> str:
     """The first error as `[[keys]] #2 ('web'): streams_at_once: <what is wrong>`. Only locations and
     pydantic's own messages are used: its input values would hold the key."""
     errors = exc.errors(include_input=False, include_url=False)
+    # A misspelt name (`[[key]]`, `stream_at_once`) says more than the field it leaves missing.
+    errors.sort(key=lambda error: error["type"] != "extra_forbidden")
     first = errors[0]
     loc = list(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
@@ -142,11 +144,11 @@ def _describe(exc: ValidationError, data: object) -> str:
         message = "unknown field" + (
             " (a [[keys]] table holds name, key and the three limits)" if len(loc) > 2 else ""
         )
-    elif first["type"] == "missing":
-        message = "missing"
-    elif first["type"] == "too_short" and loc == ["keys"]:
+    elif loc == ["keys"] and first["type"] in ("missing", "too_short"):
         message = "no [[keys]] table: the file must name at least one key"
         loc = []
+    elif first["type"] == "missing":
+        message = "missing"
     where = ""
     if len(loc) >= 2 and loc[0] == "keys" and isinstance(loc[1], int):
         where = f"[[keys]] #{loc[1] + 1}"
