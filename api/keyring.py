@@ -141,9 +141,8 @@ def _describe(exc: ValidationError, data: object) -> str:
     loc = list(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown field" + (
-            " (a [[keys]] table holds name, key and the three limits)" if len(loc) > 2 else ""
-        )
+        known = ", ".join(_FileKey.model_fields) if len(loc) > 2 else "keys"
+        message = f"unknown field (known: {known})"
     elif loc == ["keys"] and first["type"] in ("missing", "too_short"):
         message = "no [[keys]] table: the file must name at least one key"
         loc = []
