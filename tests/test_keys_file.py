@@ -309,3 +309,25 @@ def test_turn_reports_name_the_key_and_a_key_moved_into_the_file_keeps_its_sessi
     history = after.client.get("/chat/moved/messages", headers={"x-api-key": KEY_ENV}).json()
     assert [m["content"] for m in history["messages"] if m["role"] == "user"] == ["first", "second"]
     assert all(KEY_ENV not in repr(report) and KEY_ENV not in str(report.as_dict()) for report in reports)
+
+
+def test_a_changed_limit_reaches_admission_from_the_next_request(
+    live_app: Callable[..., LiveApp], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(table("web", KEY_WEB, requests_per_minute=2), encoding="utf-8")
+    app = live_app(api_keys_file=str(keys), rate_limit_requests=50)
+
+    def turn() -> httpx.Response:
+        return app.client.post("/chat/stream", json={"message": "hi"}, headers={"x-api-key": KEY_WEB})
+
+    assert [turn().status_code for _ in range(3)] == [200, 200, 429]
+    # As an editor saves: a new file renamed over the old one.
+    staged = tmp_path / "keys.toml.new"
+    staged.write_text(table("web", KEY_WEB, requests_per_minute=5), encoding="utf-8")
+    os.replace(staged, keys)
+    wait_until(lambda: turn().status_code == 200, 2, "the raised limit")  # a refused turn takes nothing
+    # The bucket kept its level: the two turns before and this one leave exactly two of the five.
+    rest = [turn() for _ in range(3)]
+    assert [r.status_code for r in rest] == [200, 200, 429]
+    assert {r.headers["ratelimit-limit"] for r in rest} == {"5"}
