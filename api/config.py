@@ -5,12 +5,23 @@ from __future__ import annotations
 import os
 import sys
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.asyncio.connection import parse_url
+
+from api.keyring import KeysInvalid, check_key, combine, env_keys, read_keys_file
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
 # The stand-in model's key (`chat-api dev` and docker compose set it when no real key is given): it is
@@ -94,6 +105,8 @@ class Settings(BaseSettings):
     # Admission control.
     # Secret, so that printing the settings never shows a key.
     api_keys: SecretList = Field(default_factory=list)
+    # Named keys with limits of their own, followed while the workers run (api/keyring.py, docs/keys.md).
+    api_keys_file: Path | None = None
     # Serving a real ANTHROPIC_API_KEY without CHAT_API_KEYS hands Claude, and its bill, to anyone who
     # reaches the port: a process refuses to start that way unless this says it is meant.
     allow_open_api: bool = False
@@ -145,17 +158,27 @@ class Settings(BaseSettings):
     @classmethod
     def _check_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
         for secret in keys:
-            key = secret.get_secret_value()
-            if key.startswith("sha256:"):
-                digest = key.removeprefix("sha256:")
-                if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
-                    raise ValueError("a sha256: entry needs 64 hex digits")
-            elif len(key) < 16:
-                raise ValueError("every key needs at least 16 characters")
-            elif any(not " " < c < "\x7f" for c in key):
-                # A key is sent in a header: anything but printable ASCII would not arrive as configured.
-                raise ValueError("a key may hold only printable ASCII characters, without spaces")
+            check_key(secret.get_secret_value())
         return keys
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        # Compose passes an unset variable on as an empty one.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_keys_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        """Read once here so that a broken file stops the process at start; workers read it again,
+        and then follow it (api/http/keys_file.py)."""
+        if path is not None:
+            env = env_keys(secret.get_secret_value() for secret in info.data.get("api_keys", ()))
+            try:
+                combine(env, read_keys_file(path))
+            except KeysInvalid as exc:
+                raise ValueError(str(exc)) from None
+        return path
 
     # Checked at start, or a typo would surface only at the first request, as a traceback or a 503.
     @field_validator("redis_url")
@@ -309,11 +332,13 @@ def describe_error(error: ValidationError) -> str:
 
 def open_api_refusal(settings: Settings) -> str | None:
     """Why a process must not serve these settings, or None: a real key behind an open API."""
-    if settings.api_keys or settings.allow_open_api or settings.api_key == STANDIN_KEY:
+    configured = settings.api_keys or settings.api_keys_file is not None
+    if configured or settings.allow_open_api or settings.api_key == STANDIN_KEY:
         return None
     return (
         "ANTHROPIC_API_KEY is set but CHAT_API_KEYS is empty, so anyone who reaches the port could use "
-        "Claude on that key; set CHAT_API_KEYS, or CHAT_ALLOW_OPEN_API=true to serve it open"
+        "Claude on that key; set CHAT_API_KEYS (or CHAT_API_KEYS_FILE), or CHAT_ALLOW_OPEN_API=true "
+        "to serve it open"
     )
 
 

@@ -25,6 +25,7 @@ class Outcome(enum.StrEnum):
 class TurnReport:
     request_id: str
     session_id: str | None = None
+    key: str | None = None  # the API key's name (never the key); None on an open API
     outcome: Outcome = Outcome.UNKNOWN_ERROR
     status: int = 0
     error_type: str | None = None

@@ -16,6 +16,7 @@ import yaml
 from api.config import STANDIN_KEY, Settings, open_api_refusal
 from api.http.auth import Authenticator
 from api.http.server import CLOSE_SECONDS
+from api.keyring import parse_keys_file
 from tests.conftest import LiveApp
 from tests.processes import ROOT, free_port
 
@@ -259,3 +260,14 @@ def test_env_example_names_only_real_settings() -> None:
     }
     assert set(names) - compose_only <= known
     assert all(name in (ROOT / "docker-compose.yml").read_text() for name in compose_only)
+
+
+def test_compose_mounts_the_keys_directory_whose_example_is_a_valid_keys_file() -> None:
+    """A directory, not a file: a file mount would stay on the old file once an editor renames a new one
+    over it, and the workers would never see the change."""
+    [mount] = SERVICES["api"]["volumes"]
+    source, target, mode = mount.split(":")
+    assert (ROOT / source).resolve() == ROOT / "deploy" / "keys" and (ROOT / source).is_dir()
+    assert (target, mode) == ("/etc/chat-api", "ro")
+    example = ROOT / "deploy" / "keys" / "keys.example.toml"
+    assert [entry.name for entry in parse_keys_file(example.read_text())] == ["web", "batch-jobs"]

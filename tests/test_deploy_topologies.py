@@ -18,10 +18,12 @@ K8S = ROOT / "deploy" / "k8s"
 
 
 def manifests() -> dict[str, dict[str, Any]]:
+    """Each resource by its kind; a Secret by `Secret/<name>`, as there are two."""
     found = {}
     for path in sorted(K8S.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            found[doc["kind"]] = doc
+            kind = doc["kind"]
+            found[f"Secret/{doc['metadata']['name']}" if kind == "Secret" else kind] = doc
     return found
 
 
@@ -43,10 +45,12 @@ def test_a_manifest_with_a_misplaced_field_is_refused() -> None:
 
 
 def env_of(found: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return {**found["ConfigMap"]["data"], **found["Secret"]["stringData"]}
+    return {**found["ConfigMap"]["data"], **found["Secret/chat-api"]["stringData"]}
 
 
-def test_the_deployment_drains_probes_and_takes_its_settings_from_the_configmap_and_secret() -> None:
+def test_the_deployment_drains_probes_and_takes_its_settings_from_the_configmap_and_secret(
+    tmp_path: Path,
+) -> None:
     found = manifests()
     deployment, env = found["Deployment"], env_of(found)
     pod = deployment["spec"]["template"]["spec"]
@@ -57,13 +61,31 @@ def test_the_deployment_drains_probes_and_takes_its_settings_from_the_configmap_
     assert pod["terminationGracePeriodSeconds"] > float(env["CHAT_DRAIN_SECONDS"]) + 2
     refs = {next(iter(ref)): ref[next(iter(ref))]["name"] for ref in container["envFrom"]}
     assert refs == {"configMapRef": found["ConfigMap"]["metadata"]["name"],
-                    "secretRef": found["Secret"]["metadata"]["name"]}  # fmt: skip
+                    "secretRef": found["Secret/chat-api"]["metadata"]["name"]}  # fmt: skip
     assert int(env["CHAT_PORT"]) == container["ports"][0]["containerPort"]
     # Every name is a setting the app reads, and together they pass its start-up checks.
     fields = {f"CHAT_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL", "ANTHROPIC_API_KEY"}
     assert set(env) <= fields, set(env) - fields
+    # The keys file as the pods see it: the keys Secret's file, where the Deployment mounts it.
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(keys_mounted_at(found, Path(env["CHAT_API_KEYS_FILE"])))
+    env["CHAT_API_KEYS_FILE"] = str(keys_file)
     settings = Settings(**{name.removeprefix("CHAT_").lower(): value for name, value in env.items()})
     assert settings.redis_mode == "sentinel"
+    assert settings.api_keys_file == keys_file
+
+
+def keys_mounted_at(found: dict[str, dict[str, Any]], path: Path) -> str:
+    """The text of the Secret's file that the Deployment mounts at `path`, mounted whole: a subPath mount
+    never sees an update of its Secret, and the workers follow the file for exactly those."""
+    pod = found["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    assert "subPath" not in mount and mount["readOnly"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = found[f"Secret/{volume['secret']['secretName']}"]
+    text: str = secret["stringData"][path.name]
+    return text
 
 
 def test_the_service_budget_and_autoscaler_all_select_the_deployments_pods() -> None:

@@ -136,7 +136,7 @@ def test_usage_adds_up_what_claude_reported_per_day_and_model(app_on: StartApp, 
     response = usage(app)
     assert response.status_code == 200
     body = response.json()
-    assert body["key"] is None  # a key is named only where keys have names; never the key itself
+    assert body["key"] is None  # an open API has no key to name
     assert body["to"] == today()
     assert body["from"] == (datetime.now(UTC).date() - timedelta(days=29)).isoformat()
     sonnet, haiku = cached.usage[before : before + 3], cached.usage[before + 3 :]
@@ -195,6 +195,8 @@ def test_usage_needs_a_key_and_shows_only_the_callers_own(app_on: StartApp) -> N
     mine = app.client.get("/usage", headers={"x-api-key": first}).json()
     theirs = app.client.get("/usage", headers={"x-api-key": second}).json()
     assert mine["total"]["turns"] == 1 and theirs["total"]["turns"] == 0
+    # Each key by its name (CHAT_API_KEYS entries are named by their place), never by the key.
+    assert (mine["key"], theirs["key"]) == ("env-1", "env-2")
 
 
 # In Redis: exact, kept for the retention, on Redis's day.

@@ -21,17 +21,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.config import Settings
 from api.errors import ChatError, StreamAborted, ValidationFailed
 from api.http.auth import Authenticator
+from api.http.keys_file import KeysFile
 from api.http.protocol import CLIENT_WRITER
 from api.http.resume import router as resume_router
 from api.http.routes import FROM_BODY, error_response, json_error, router, serve_turn
 from api.http.state import AppState
 from api.http.streaming import RAW_SEND
 from api.http.web import web_router
+from api.keyring import env_keys
 from api.ops.drain import Drain
 from api.ops.logs import REQUEST_ID, quiet_aborted_streams
 from api.ops.metrics import Metrics
 from api.outcomes import OutcomeRecorder, TurnHook
-from api.store.admission import Admission
+from api.store.admission import Admission, Limits
 from api.store.history import SessionStore
 from api.store.redis import Client, close, make_redis, prepare
 from api.store.scripts import Scripts
@@ -79,7 +81,13 @@ def create_app(
     """
     settings = settings or Settings()
     recorder = OutcomeRecorder(on_turn_end)
-    auth = Authenticator([key.get_secret_value() for key in settings.api_keys], settings.trusted_proxies)
+    keys = env_keys(key.get_secret_value() for key in settings.api_keys)
+    keys_file = KeysFile(settings.api_keys_file, keys) if settings.api_keys_file is not None else None
+    if keys_file is not None:
+        keys = keys_file.load()
+    auth = Authenticator(
+        keys, settings.trusted_proxies, defaults=Limits.defaults(settings), closed=keys_file is not None
+    )
     metrics = Metrics()
     metrics.watch(recorder)
 
@@ -109,6 +117,8 @@ def create_app(
         )
         chat = ChatService(settings, store, upstream, recorder, admission, slots)
         await chat.start_listening()
+        if keys_file is not None:
+            keys_file.follow(auth)
         state = AppState(settings, client, chat, auth, metrics)
         app.state.current = state
         drain = Drain(state, recorder, settings.drain_seconds)
@@ -119,6 +129,8 @@ def create_app(
             yield {"app": state}
         finally:
             drain.uninstall()
+            if keys_file is not None:
+                await keys_file.aclose()
             await chat.stop_listening()
             await chat.renewer.aclose()
             await upstream.aclose()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from api.errors import AuthenticationFailed
+from api.keyring import KeyEntry
+from api.store.admission import Limits
 
 # Sessions of an open API (no keys configured) all belong to one tenant: there is nobody to tell apart.
 PUBLIC_TENANT = "public"
@@ -24,31 +26,53 @@ _TENANT_SALT = b"redis-chat-api tenant\x00"
 class Caller:
     tenant: str  # whose sessions these are
     subject: str  # whose limits apply: the key's tenant, or the client's address on an open API
-
-
-def key_digest(entry: str) -> bytes:
-    """The SHA-256 digest a `CHAT_API_KEYS` entry stands for: a plain key, or `sha256:<hex>` of one."""
-    if entry.startswith("sha256:"):
-        return bytes.fromhex(entry.removeprefix("sha256:"))
-    return hashlib.sha256(entry.encode()).digest()
+    key: str | None = None  # the key's name, for logs and reports; None on an open API
+    limits: Limits | None = None  # the key's own limits; None: the CHAT_RATE_LIMIT_* defaults
 
 
 def tenant_of(digest: bytes) -> str:
+    """Depends on the key alone, never on its name, limits or where it is configured: a key moved
+    from CHAT_API_KEYS to the keys file, or renamed, keeps its sessions and its limits' state."""
     return hashlib.sha256(_TENANT_SALT + digest).hexdigest()[:24]
 
 
 class Authenticator:
-    def __init__(self, keys: Sequence[str], trusted_proxies: Sequence[str] = ()) -> None:
-        self._tenants = {key_digest(entry): "" for entry in keys}
-        for digest in self._tenants:
-            self._tenants[digest] = tenant_of(digest)
+    """The keys in force, which `replace` swaps whole (a reloaded keys file) between two requests.
+
+    `closed` keeps the API shut even when there is no key at all: with a keys file configured, an
+    API is never open, whatever the file holds.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[KeyEntry],
+        trusted_proxies: Sequence[str] = (),
+        *,
+        defaults: Limits | None = None,
+        closed: bool = False,
+    ) -> None:
+        self.defaults = defaults or Limits()
+        self.closed = closed
+        self._callers: dict[bytes, Caller] = {}
+        self.replace(keys)
         self._proxies: list[IPv4Network | IPv6Network] = [
             ip_network(proxy, strict=False) for proxy in trusted_proxies
         ]
 
+    def replace(self, keys: Sequence[KeyEntry]) -> None:
+        callers: dict[bytes, Caller] = {}
+        for entry in keys:
+            tenant = tenant_of(entry.digest)
+            callers[entry.digest] = Caller(tenant, tenant, entry.name, self._limits(entry))
+        self._callers = callers  # one assignment: a request sees the old keys or the new, never a mix
+
+    @property
+    def names(self) -> list[str]:
+        return [caller.key for caller in self._callers.values() if caller.key is not None]
+
     @property
     def open(self) -> bool:
-        return not self._tenants
+        return not self._callers and not self.closed
 
     def identify(self, key: str | None, peer: str | None, forwarded_for: str | None) -> Caller:
         """The caller of a request, or `AuthenticationFailed`. `key` is the header value as Starlette
@@ -60,14 +84,29 @@ class Authenticator:
                 "an API key is required: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
             )
         presented = hashlib.sha256(key.encode("latin-1")).digest()
+        callers = self._callers
         found: bytes | None = None
         # Every digest is compared, so the time taken does not depend on which key matched, or where.
-        for digest in self._tenants:
+        for digest in callers:
             if hmac.compare_digest(presented, digest):
                 found = digest
         if found is None:
             raise AuthenticationFailed("the API key is not valid")
-        return Caller(self._tenants[found], self._tenants[found])
+        return callers[found]
+
+    def _limits(self, entry: KeyEntry) -> Limits | None:
+        if (
+            entry.requests_per_minute is None
+            and entry.tokens_per_minute is None
+            and entry.streams_at_once is None
+        ):
+            return None
+        defaults = self.defaults
+        return Limits(
+            defaults.requests if entry.requests_per_minute is None else entry.requests_per_minute,
+            defaults.tokens if entry.tokens_per_minute is None else entry.tokens_per_minute,
+            defaults.streams if entry.streams_at_once is None else entry.streams_at_once,
+        )
 
     def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
         """The socket's peer, or, when that peer is a trusted proxy, the nearest untrusted address it

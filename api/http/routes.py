@@ -276,7 +276,7 @@ async def usage(request: Request, chat: ChatDep, caller: CallerDep) -> Response:
     query = request.query_params
     report = await chat.usage(caller.subject, query.get("from"), query.get("to"))
     body = {
-        "key": None,  # the key's name, once keys are named: never the key or its digest
+        "key": caller.key,  # the key's name (None on an open API): never the key or its digest
         "from": report.first.isoformat(),
         "to": report.last.isoformat(),
         "usage": [{"day": row.day.isoformat(), "model": row.model, **row.counts} for row in report.days],
@@ -362,7 +362,7 @@ async def _turn(
             raise Unavailable("this worker is shutting down; retry and another will serve you", retry_after=1)
         check_media_type(request.headers.get("content-type"))
         who = identify(request, key)
-        report.tenant = who.tenant
+        report.tenant, report.key = who.tenant, who.key
         if session_id is not None:
             report.session_id = check_session_id(session_id)
         idempotency = idempotency_key(request)
@@ -380,7 +380,7 @@ async def _turn(
             exc.type,
             exc.message,
         )
-        quota = await chat.quota(who.subject) if who is not None else None
+        quota = await chat.quota(who.subject, who.limits) if who is not None else None
         await chat.finish(report)
         return json_error(exc, rid, quota.headers() if quota is not None else ())
     except ClientDisconnect:
@@ -397,7 +397,7 @@ async def _turn(
     headers = [(b"x-request-id", rid.encode())]
     if session_id is not None:
         headers.append((b"x-session-id", session_id.encode()))
-    turn = TurnRequest(who.tenant, session_id, body, who.subject, idempotency_key=idempotency)
+    turn = TurnRequest(who.tenant, session_id, body, who.subject, who.limits, idempotency_key=idempotency)
     if from_body or wants_events(request.headers.get("accept")):
         turn.protocol = "sse"
         return EventStreamResponse(chat, turn, report, headers)

@@ -164,7 +164,7 @@ class TurnResponse(Response):
         quota = self.request.quota
         # Refused before admission took its look: look now, unless Redis is what failed.
         if quota is None and self.request.subject and not isinstance(error, StoreUnavailable):
-            quota = await self.service.quota(self.request.subject)
+            quota = await self.service.quota(self.request.subject, self.request.limits)
         return quota.headers() if quota is not None else []
 
     async def _watch(self, receive: Receive) -> None:

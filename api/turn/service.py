@@ -34,7 +34,7 @@ from api.errors import (
     UpstreamUnavailable,
 )
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.store.admission import Admission, Decision, Quota, Ticket
+from api.store.admission import Admission, Decision, Limits, Quota, Ticket
 from api.store.history import (
     CommitRefused,
     CommitUnconfirmed,
@@ -78,6 +78,7 @@ class TurnRequest:
     session_id: str | None
     body: ChatRequest | None  # taken by `ChatService.open_turn`
     subject: str = ""  # whose limits apply; see `api.http.auth.Caller`
+    limits: Limits | None = None  # the subject's own limits; None: the CHAT_RATE_LIMIT_* defaults
     quota: Quota | None = None  # the request limit as admission left it, for the response headers
     protocol: str = "text"  # what the reply is sent as; a resumed reply is sent the same way
     idempotency_key: str | None = None
@@ -603,16 +604,12 @@ class ChatService:
         """Take from the caller's limits, then, for a session, take its lock and read its history.
         The limits go first, so that a request they refuse never touches its session."""
         token = new_token(request.protocol)
-        if (
-            keys is not None
-            and hold.claim is None
-            and self.admission.enabled
-            and self.store.bundle is not None
-        ):
+        limits = self.admission.limits(request.limits)
+        if keys is not None and hold.claim is None and not limits.unlimited and self.store.bundle is not None:
             # One round trip where one script can reach both: the lock is taken only once admitted.
-            decision, snapshot = await self._admit_and_begin(request.subject, keys, token)
+            decision, snapshot = await self._admit_and_begin(request.subject, limits, keys, token)
         else:
-            decision, snapshot = await self.admission.admit(request.subject), None
+            decision, snapshot = await self.admission.admit(request.subject, limits), None
         request.quota = decision.quota
         if not decision.allowed:
             raise RateLimited(decision.message, retry_after=decision.retry_after)
@@ -648,23 +645,23 @@ class ChatService:
         return None
 
     async def _admit_and_begin(
-        self, subject: str, keys: SessionKeys, token: str
+        self, subject: str, limits: Limits, keys: SessionKeys, token: str
     ) -> tuple[Decision, Snapshot | Literal[False] | None]:
         """Admission and, if it admits, the session's lock and history, in one round trip. The
         snapshot is False when another turn holds the lock."""
         store = self.store
         assert store.bundle is not None
         decision, reply = await self.admission.admit_then(
-            subject, store.begin_call(keys, token), store.release_call(keys, token), store.bundle
+            subject, limits, store.begin_call(keys, token), store.release_call(keys, token), store.bundle
         )
         if reply is None:
             return decision, None
         return decision, store.snapshot(keys, token, reply) or False
 
-    async def quota(self, subject: str) -> Quota | None:
+    async def quota(self, subject: str, limits: Limits | None = None) -> Quota | None:
         """The request limit as it stands, for a response refused before admission; None if unknown."""
         try:
-            return await self.admission.peek(subject)
+            return await self.admission.peek(subject, limits)
         except Exception:
             log.debug("could not read the limits for a refused request", exc_info=True)
             return None
