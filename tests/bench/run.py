@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         help="only what a turn costs: first byte and worker CPU per turn, the floor against this service",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="with --turns: a checkout of another version (e.g. a `git worktree`), measured alongside",
+    )
+    parser.add_argument(
         "--repeats", type=int, help="rounds over every arm, interleaved (default 2; 1 with --quick)"
     )
     args = parser.parse_args(argv)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     load = Load(cores)
     if args.turns:
-        turns_only(load, cores, repeats, log)
+        turns_only(load, cores, repeats, log, args.baseline)
         return
     with (
         tempfile.TemporaryDirectory(prefix="chat-api-bench-") as work,
@@ -183,40 +188,57 @@ def main(argv: list[str] | None = None) -> None:
     log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'sweep.png'}")
 
 
-def turns_only(load: Load, cores: Cores, repeats: int, log: Any) -> None:
+def turns_only(load: Load, cores: Cores, repeats: int, log: Any, baseline: Path | None = None) -> None:
     """The floor and this service, alternating: time to the first byte and the worker's CPU per turn,
-    at 1 client and at 50 at once. A minute or two: for comparing two versions of the turn's code."""
-    rows: dict[str, list[dict[str, Any]]] = {"floor": [], "service": []}
+    at 1 client and at 50 at once. With `baseline`, a checkout of another version of this code, its
+    worker is measured in the same rounds: two versions compared back to back, on one machine state."""
+    names = ["floor", "service"] + (["baseline"] if baseline is not None else [])
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with (
         tempfile.TemporaryDirectory(prefix="chat-api-bench-") as work,
         redis_for_bench(cores, Path(work)) as redis,
     ):
         model = standin(cores, Path(work))
-        worker = service_worker(cores, Path(work), redis.url, model.url)
+        workers = [service_worker(cores, Path(work), redis.url, model.url)]
+        if baseline is not None:
+            # Its own `api` package first on the path (-P: not this checkout's, from the working directory).
+            other = service_worker(
+                cores, Path(work), redis.url, model.url, name="baseline", extra={"PYTHONPATH": str(baseline)}
+            )
+            other.args = [sys.executable, "-P", "-m", "api", "serve"]
+            workers.append(other)
         auth = ["authorization: Bearer bench-key", "anthropic-version: 2023-06-01"]
-        targets = [
-            Target("floor", model, "/v1/messages", sse=True, headers=auth),
-            Target("service", worker, "/chat/s{run}-{i}-{n}/stream"),
+        targets = [Target("floor", model, "/v1/messages", sse=True, headers=auth)] + [
+            Target(worker.name, worker, f"/chat/{worker.name[0]}{{run}}-{{i}}-{{n}}/stream")
+            for worker in workers
         ]
-        with running(model, worker):
-            load.run(targets[1], Shape(deltas=5, delay=0.0), clients=10, rounds=2, ramp=0.0, timeout=30)
+        with running(model, *workers):
+            for target in targets[1:]:
+                load.run(target, Shape(deltas=5, delay=0.0), clients=10, rounds=2, ramp=0.0, timeout=30)
             for repeat in range(repeats):
-                for target in targets if repeat % 2 == 0 else targets[::-1]:
+                shift = repeat % len(targets)
+                for target in targets[shift:] + targets[:shift]:
                     log(f"repeat {repeat + 1}: {target.name}")
                     rows[target.name].append(first_bytes(load, target, False))
     print(
-        "| repeat | clients | floor p50 / p99 (ms) | service added p50 / p99 (ms) "
-        "| floor CPU per turn (ms) | service CPU per turn (ms) |"
+        "| repeat | clients | worker | first byte p50 / p99 (ms) | added to the floor's p50 / p99 (ms) "
+        "| CPU per turn (ms) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
-    for repeat, (floor, service) in enumerate(zip(rows["floor"], rows["service"], strict=True)):
+    print("|---:|---:|---|---:|---:|---:|")
+    for repeat in range(repeats):
         for clients in ("1", "50"):
-            f, s = floor[clients], service[clients]
-            print(
-                f"| {repeat + 1} | {clients} | {f['p50_ms']:.2f} / {f['p99_ms']:.2f} "
-                f"| {s['p50_ms'] - f['p50_ms']:.2f} / {s['p99_ms'] - f['p99_ms']:.2f} "
-                f"| {f['cpu_ms_per_turn']:.3f} | {s['cpu_ms_per_turn']:.3f} |"
-            )
+            floor = rows["floor"][repeat][clients]
+            for name in names:
+                r = rows[name][repeat][clients]
+                added = (
+                    f"{r['p50_ms'] - floor['p50_ms']:.2f} / {r['p99_ms'] - floor['p99_ms']:.2f}"
+                    if name != "floor"
+                    else ""
+                )
+                print(
+                    f"| {repeat + 1} | {clients} | {name} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {added} "
+                    f"| {r['cpu_ms_per_turn']:.3f} |"
+                )
 
 
 def first_bytes(load: Load, target: Target, quick: bool) -> dict[str, Any]:
