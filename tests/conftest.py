@@ -20,7 +20,7 @@ from api.http.protocol import ChatHttpProtocol
 from api.main import create_app
 from api.outcomes import TurnReport
 from tests.processes import RedisServer, ThreadServer, Worker
-from tests.topologies import Cluster, store_client, suite_mode
+from tests.topologies import Cluster, own_prefix, store_client, suite_mode
 
 
 @pytest.fixture
@@ -67,14 +67,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of the test's own, so tests share a Redis without seeing each other's keys."""
-    name = "t" + uuid.uuid4().hex[:12]
-    yield name
-    client = store_client(redis_url)
-    try:
-        for key in list(client.scan_iter(f"{name}:*", count=1000)):
-            client.delete(key)
-    finally:
-        client.close()
+    with own_prefix(redis_url) as name:
+        yield name
 
 
 @pytest.fixture

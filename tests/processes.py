@@ -219,12 +219,13 @@ class ThreadServer:
 
 @contextlib.contextmanager
 def workers(count: int, env: dict[str, str], log_dir: Path) -> Iterator[list[Worker]]:
-    started: list[Worker] = []
+    """`count` workers on one configuration, launched side by side: each spends seconds importing."""
+    started = [Worker(env, log_dir / f"worker{index}.log") for index in range(count)]
     try:
-        for index in range(count):
-            worker = Worker(env, log_dir / f"worker{index}.log")
-            started.append(worker)
-            worker.start()
+        for worker in started:
+            worker.launch()
+        for worker in started:
+            worker.wait_ready()
         yield started
     finally:
         for worker in started:

@@ -5,12 +5,14 @@ test's own, in a temporary directory, started with a bounded wait and stopped by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,20 @@ def store_client(url: str, **options: Any) -> redis.Redis:
     if suite_mode() == "cluster":
         return RedisCluster.from_url(url, socket_timeout=5, **options)  # type: ignore[return-value]
     return redis.Redis.from_url(url, socket_timeout=5, **options)
+
+
+@contextlib.contextmanager
+def own_prefix(url: str) -> Iterator[str]:
+    """A key prefix of its own in the suite's Redis, so that users of one Redis do not see each other's
+    keys; every key under it is deleted afterwards."""
+    name = "t" + uuid.uuid4().hex[:12]
+    yield name
+    client = store_client(url)
+    try:
+        for key in list(client.scan_iter(f"{name}:*", count=1000)):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 def require_redis_tools() -> tuple[str, str]:
