@@ -195,27 +195,35 @@ def tmp_logs(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chat_server(
+def chat_servers(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, standin: StandInModel
-) -> Iterator[Callable[..., Worker]]:
-    """A factory: `chat_server(CHAT_X="...")` starts a `chat-api serve` process on the stand-in model,
+) -> Iterator[Callable[..., list[Worker]]]:
+    """A factory: `chat_servers({"CHAT_X": "..."}, ...)` starts a `chat-api serve` process for each
+    environment given, side by side (each spends seconds importing the app), on the stand-in model and
     with keys of its own in the suite's Redis; every one is stopped when the module ends."""
     started: list[Worker] = []
 
-    def start(**env: str) -> Worker:
-        root = tmp_path_factory.mktemp("server")
+    def start(*envs: dict[str, str]) -> list[Worker]:
         base = {
             "REDIS_URL": redis_url,
             "ANTHROPIC_API_KEY": "test-key",
             "ANTHROPIC_BASE_URL": standin.url,
-            "CHAT_REDIS_PREFIX": "t" + uuid.uuid4().hex[:12],
             "CHAT_UPSTREAM_TIMEOUT_SECONDS": "10",
             "CHAT_LOCK_TTL_SECONDS": "5",
         }
-        worker = Worker({**base, **env}, root / "worker.log")
-        started.append(worker)
-        worker.start(timeout=60)  # generous: the machine may be busy with other processes
-        return worker
+        batch = [
+            Worker(
+                {**base, "CHAT_REDIS_PREFIX": "t" + uuid.uuid4().hex[:12], **env},
+                tmp_path_factory.mktemp("server") / "worker.log",
+            )
+            for env in envs
+        ]
+        started.extend(batch)
+        for worker in batch:
+            worker.launch()
+        for worker in batch:
+            worker.wait_ready(timeout=60)  # generous: the machine may be busy with other processes
+        return batch
 
     try:
         yield start

@@ -20,8 +20,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(chat_server: Callable[..., Worker]) -> Worker:
-    return chat_server()
+def servers(chat_servers: Callable[..., list[Worker]]) -> list[Worker]:
+    """The server most tests use, and one with a key and one request a minute, started side by side."""
+    return chat_servers({}, {"CHAT_API_KEYS": KEY, "CHAT_RATE_LIMIT_REQUESTS": "1"})
+
+
+@pytest.fixture
+def server(servers: list[Worker]) -> Worker:
+    return servers[0]
+
+
+@pytest.fixture
+def limited(servers: list[Worker]) -> Worker:
+    return servers[1]
 
 
 @pytest.fixture
@@ -138,11 +149,7 @@ def test_ctrl_c_stops_a_reply_and_errors_are_one_line(
     assert child.exitstatus == 0
 
 
-def test_keys_and_rate_limits(
-    spawn: Callable[..., pexpect.spawn], chat_server: Callable[..., Worker]
-) -> None:
-    limited = chat_server(CHAT_API_KEYS=KEY, CHAT_RATE_LIMIT_REQUESTS="1")
-
+def test_keys_and_rate_limits(spawn: Callable[..., pexpect.spawn], limited: Worker) -> None:
     refused = spawn("--url", limited.url)
     refused.expect_exact("error: 401 authentication_error: ")
     refused.expect_exact("(pass --key or set CHAT_CLIENT_KEY)")
