@@ -22,6 +22,10 @@ from redis.cluster import RedisCluster
 
 from tests.processes import free_port, stop_process, wait_until
 
+# A primary waits five seconds by default for more replicas before it serves a first full sync; a
+# topology of the tests' own starts its replicas together, and has nobody else to wait for.
+NO_SYNC_DELAY = ["--repl-diskless-sync-delay", "0"]
+
 
 def cluster_port() -> int:
     """A free port whose cluster bus port (10000 above it) is free too."""
@@ -139,7 +143,8 @@ class Cluster:
         server, self.cli = require_redis_tools()
         self.replicas = replicas
         options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                   "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--appendonly", "no"]  # fmt: skip
+                   "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--appendonly", "no",
+                   *NO_SYNC_DELAY]  # fmt: skip
         self.nodes = [Node(server, work_dir / f"node{n}", options, port=cluster_port()) for n in range(size)]
 
     @property
@@ -211,7 +216,9 @@ class SentinelSet:
         self.service = service
         self.work_dir = work_dir
         self.down_after_ms = down_after_ms
-        self.servers = [Node(server, work_dir / f"redis{n}", ["--appendonly", "no"]) for n in range(3)]
+        self.servers = [
+            Node(server, work_dir / f"redis{n}", ["--appendonly", "no", *NO_SYNC_DELAY]) for n in range(3)
+        ]
         self.sentinels = [Node(server, work_dir / f"sentinel{n}") for n in range(3)]
 
     @property
