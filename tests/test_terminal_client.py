@@ -81,7 +81,7 @@ def test_replies_stream_and_the_commands_work(spawn: Callable[..., pexpect.spawn
     child = spawn("--url", server.url)
     session = opened(child)
 
-    child.sendline("@@deltas=30 @@delay=0.1 hi")
+    child.sendline("@@deltas=30 @@delay=0.05 hi")
     child.expect_exact("w3 ")
     assert "w29" not in child.buffer, "the reply is printed as it arrives, not at its end"
     child.expect_exact(" w28 w29 \r\n")
@@ -95,7 +95,7 @@ def test_replies_stream_and_the_commands_work(spawn: Callable[..., pexpect.spawn
     assert len(again) == 2 and again[0] == first[0] and again[1]["id"] != first[1]["id"]
 
     child.sendline("/history")
-    child.expect_exact("you: @@deltas=30 @@delay=0.1 hi")
+    child.expect_exact("you: @@deltas=30 @@delay=0.05 hi")
     child.expect_exact(f"model: {words(30)}")
     child.expect_exact(PROMPT)
 
