@@ -20,7 +20,7 @@ from api.http.protocol import ChatHttpProtocol
 from api.main import create_app
 from api.outcomes import TurnReport
 from tests.processes import RedisServer, ThreadServer, Worker
-from tests.topologies import Cluster, store_client, suite_mode
+from tests.topologies import Cluster, own_prefix, store_client, suite_mode
 
 
 @pytest.fixture
@@ -67,14 +67,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of the test's own, so tests share a Redis without seeing each other's keys."""
-    name = "t" + uuid.uuid4().hex[:12]
-    yield name
-    client = store_client(redis_url)
-    try:
-        for key in list(client.scan_iter(f"{name}:*", count=1000)):
-            client.delete(key)
-    finally:
-        client.close()
+    with own_prefix(redis_url) as name:
+        yield name
 
 
 @pytest.fixture
@@ -201,27 +195,35 @@ def tmp_logs(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chat_server(
+def chat_servers(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, standin: StandInModel
-) -> Iterator[Callable[..., Worker]]:
-    """A factory: `chat_server(CHAT_X="...")` starts a `chat-api serve` process on the stand-in model,
+) -> Iterator[Callable[..., list[Worker]]]:
+    """A factory: `chat_servers({"CHAT_X": "..."}, ...)` starts a `chat-api serve` process for each
+    environment given, side by side (each spends seconds importing the app), on the stand-in model and
     with keys of its own in the suite's Redis; every one is stopped when the module ends."""
     started: list[Worker] = []
 
-    def start(**env: str) -> Worker:
-        root = tmp_path_factory.mktemp("server")
+    def start(*envs: dict[str, str]) -> list[Worker]:
         base = {
             "REDIS_URL": redis_url,
             "ANTHROPIC_API_KEY": "test-key",
             "ANTHROPIC_BASE_URL": standin.url,
-            "CHAT_REDIS_PREFIX": "t" + uuid.uuid4().hex[:12],
             "CHAT_UPSTREAM_TIMEOUT_SECONDS": "10",
             "CHAT_LOCK_TTL_SECONDS": "5",
         }
-        worker = Worker({**base, **env}, root / "worker.log")
-        started.append(worker)
-        worker.start(timeout=60)  # generous: the machine may be busy with other processes
-        return worker
+        batch = [
+            Worker(
+                {**base, "CHAT_REDIS_PREFIX": "t" + uuid.uuid4().hex[:12], **env},
+                tmp_path_factory.mktemp("server") / "worker.log",
+            )
+            for env in envs
+        ]
+        started.extend(batch)
+        for worker in batch:
+            worker.launch()
+        for worker in batch:
+            worker.wait_ready(timeout=60)  # generous: the machine may be busy with other processes
+        return batch
 
     try:
         yield start

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import redis
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.http.protocol import ChatHttpProtocol
 
@@ -219,12 +220,13 @@ class ThreadServer:
 
 @contextlib.contextmanager
 def workers(count: int, env: dict[str, str], log_dir: Path) -> Iterator[list[Worker]]:
-    started: list[Worker] = []
+    """`count` workers on one configuration, launched side by side: each spends seconds importing."""
+    started = [Worker(env, log_dir / f"worker{index}.log") for index in range(count)]
     try:
-        for index in range(count):
-            worker = Worker(env, log_dir / f"worker{index}.log")
-            started.append(worker)
-            worker.start()
+        for worker in started:
+            worker.launch()
+        for worker in started:
+            worker.wait_ready()
         yield started
     finally:
         for worker in started:
@@ -312,7 +314,9 @@ class Nginx:
 @contextlib.contextmanager
 def turn_in_flight(base_url: str, session: str) -> Iterator[None]:
     """A slow turn of `session`, its first bytes read, held open until the block ends: the session's
-    lock is taken, so another turn of it meets a 409."""
+    lock is taken, so another turn of it meets a 409. On the way out the turn's client leaves, and the
+    block ends once the server has given the session back (it counts a turn out after releasing it),
+    so that the next turn does not race the release. The server must have no other chat request."""
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -331,3 +335,14 @@ def turn_in_flight(base_url: str, session: str) -> Iterator[None]:
     finally:
         release.set()
         other.join(30)
+    wait_until(lambda: streams_in_flight(base_url) == 0, 10, "the slow turn to give its session back")
+
+
+def streams_in_flight(base_url: str) -> float:
+    """The chat requests a server counts in flight, from its /metrics."""
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "chat_streams_in_flight":
+                return float(sample.value)
+    raise KeyError("chat_streams_in_flight is not in /metrics")

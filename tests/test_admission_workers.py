@@ -8,9 +8,7 @@ import hashlib
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,8 +18,8 @@ import redis as sync_redis
 from api.dev.standin import StandInModel
 from api.http.auth import tenant_of
 from api.store.keys import tenant_key
-from tests.processes import Worker, wait_until
-from tests.topologies import store_client
+from tests.processes import Worker, wait_until, workers
+from tests.topologies import own_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -34,32 +32,6 @@ ALL_KEYS = (KEY_BURST, KEY_TOKENS, KEY_QUIET, KEY_DIGEST)
 
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def started(count: int, env: dict[str, str], log_dir: Path) -> Iterator[list[Worker]]:
-    """`count` workers, started side by side (each spends a couple of seconds importing)."""
-    procs = [Worker(env, log_dir / f"worker{n}.log") for n in range(count)]
-    try:
-        with ThreadPoolExecutor(count) as pool:
-            for future in [pool.submit(worker.start) for worker in procs]:
-                future.result()
-        yield procs
-    finally:
-        for worker in procs:
-            worker.stop()
-
-
-@contextlib.contextmanager
-def own_prefix(redis_url: str) -> Iterator[str]:
-    name = "t" + uuid.uuid4().hex[:12]
-    yield name
-    client = store_client(redis_url)
-    try:
-        for key in list(client.scan_iter(f"{name}:*", count=1000)):
-            client.delete(key)
-    finally:
-        client.close()
 
 
 class Deployment:
@@ -85,8 +57,8 @@ def three_workers(
             "CHAT_LOG_LEVEL": "debug",
             "CHAT_LOG_FORMAT": "json",
         }
-        with started(3, env, tmp_path_factory.mktemp("logs")) as workers:
-            yield Deployment(workers, prefix)
+        with workers(3, env, tmp_path_factory.mktemp("logs")) as started:
+            yield Deployment(started, prefix)
 
 
 def test_three_workers_admit_exactly_the_limit_of_300_concurrent_requests(
@@ -252,8 +224,8 @@ def two_streaming_workers(redis_url: str, standin: StandInModel, tmp_logs: Path)
             "CHAT_LOCK_TTL_SECONDS": "2",  # the lease time, too
             "CHAT_DRAIN_SECONDS": "1",
         }
-        with started(2, env, tmp_logs) as workers:
-            yield workers
+        with workers(2, env, tmp_logs) as started:
+            yield started
 
 
 def test_concurrent_streams_per_key_and_a_dead_workers_lease_expires(

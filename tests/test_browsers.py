@@ -121,11 +121,11 @@ def test_cors_origins_must_be_origins(make_settings: Callable[..., Settings]) ->
 def test_a_chat_body_not_declared_json_is_415_and_nothing_runs(
     make_settings: Callable[..., Settings], standin: StandInModel, content_type: str | None
 ) -> None:
-    # Redis is a closed port: a request that touched it would be a 503, not a 415.
+    # Redis is a closed port: a request that touched it would be a 503, not a 415. A short Redis
+    # timeout, for start-up waits that long for a Redis it cannot reach.
     reports: list[TurnReport] = []
-    app = create_app(
-        make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"), on_turn_end=reports.append
-    )
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_seconds=0.5)
+    app = create_app(settings, on_turn_end=reports.append)
     asked = len(standin.requests)
     headers = {"content-type": content_type} if content_type is not None else {}
     with ThreadServer(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:

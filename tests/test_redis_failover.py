@@ -18,7 +18,7 @@ from api.dev.standin import StandInModel
 from tests.conftest import LiveApp
 from tests.failover import Load, audit, figures, improper
 from tests.processes import RedisServer, Worker, redis_server_binary, wait_until
-from tests.topologies import Node, SentinelSet, require_redis_tools
+from tests.topologies import NO_SYNC_DELAY, Node, SentinelSet, require_redis_tools
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +171,7 @@ def test_a_commit_waits_for_a_replica_and_then_completes(
     live_app: Callable[..., LiveApp], tmp_path: Path
 ) -> None:
     require_redis_tools()
-    primary = RedisServer(tmp_path / "primary")
+    primary = RedisServer(tmp_path / "primary", extra=NO_SYNC_DELAY)
     primary.start()
     replica = Node(redis_server_binary(), tmp_path / "replica")
     try:

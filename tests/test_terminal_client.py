@@ -20,8 +20,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(chat_server: Callable[..., Worker]) -> Worker:
-    return chat_server()
+def servers(chat_servers: Callable[..., list[Worker]]) -> list[Worker]:
+    """The server most tests use, and one with a key and one request a minute, started side by side."""
+    return chat_servers({}, {"CHAT_API_KEYS": KEY, "CHAT_RATE_LIMIT_REQUESTS": "1"})
+
+
+@pytest.fixture
+def server(servers: list[Worker]) -> Worker:
+    return servers[0]
+
+
+@pytest.fixture
+def limited(servers: list[Worker]) -> Worker:
+    return servers[1]
 
 
 @pytest.fixture
@@ -70,7 +81,7 @@ def test_replies_stream_and_the_commands_work(spawn: Callable[..., pexpect.spawn
     child = spawn("--url", server.url)
     session = opened(child)
 
-    child.sendline("@@deltas=30 @@delay=0.1 hi")
+    child.sendline("@@deltas=30 @@delay=0.05 hi")
     child.expect_exact("w3 ")
     assert "w29" not in child.buffer, "the reply is printed as it arrives, not at its end"
     child.expect_exact(" w28 w29 \r\n")
@@ -84,7 +95,7 @@ def test_replies_stream_and_the_commands_work(spawn: Callable[..., pexpect.spawn
     assert len(again) == 2 and again[0] == first[0] and again[1]["id"] != first[1]["id"]
 
     child.sendline("/history")
-    child.expect_exact("you: @@deltas=30 @@delay=0.1 hi")
+    child.expect_exact("you: @@deltas=30 @@delay=0.05 hi")
     child.expect_exact(f"model: {words(30)}")
     child.expect_exact(PROMPT)
 
@@ -138,11 +149,7 @@ def test_ctrl_c_stops_a_reply_and_errors_are_one_line(
     assert child.exitstatus == 0
 
 
-def test_keys_and_rate_limits(
-    spawn: Callable[..., pexpect.spawn], chat_server: Callable[..., Worker]
-) -> None:
-    limited = chat_server(CHAT_API_KEYS=KEY, CHAT_RATE_LIMIT_REQUESTS="1")
-
+def test_keys_and_rate_limits(spawn: Callable[..., pexpect.spawn], limited: Worker) -> None:
     refused = spawn("--url", limited.url)
     refused.expect_exact("error: 401 authentication_error: ")
     refused.expect_exact("(pass --key or set CHAT_CLIENT_KEY)")

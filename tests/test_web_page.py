@@ -60,8 +60,19 @@ def page(browser: Browser) -> Iterator[Page]:
 
 
 @pytest.fixture(scope="module")
-def server(chat_server: Callable[..., Worker]) -> Worker:
-    return chat_server(CHAT_WEB_UI="true", CHAT_UPSTREAM_MAX_RETRIES="0")
+def servers(chat_servers: Callable[..., list[Worker]]) -> list[Worker]:
+    """The server most tests use, one with a limit of one request a minute and one with a key, each
+    for one test, started side by side."""
+    return chat_servers(
+        {"CHAT_WEB_UI": "true", "CHAT_UPSTREAM_MAX_RETRIES": "0"},
+        {"CHAT_WEB_UI": "true", "CHAT_RATE_LIMIT_REQUESTS": "1"},
+        {"CHAT_WEB_UI": "true", "CHAT_API_KEYS": KEY},
+    )
+
+
+@pytest.fixture
+def server(servers: list[Worker]) -> Worker:
+    return servers[0]
 
 
 def send(page: Page, text: str) -> None:
@@ -177,8 +188,8 @@ def test_a_busy_conversation_and_an_unavailable_model_are_said_plainly(page: Pag
     expect(page.locator("#send")).to_be_enabled()
 
 
-def test_a_429_shows_a_countdown_from_retry_after(page: Page, chat_server: Callable[..., Worker]) -> None:
-    limited = chat_server(CHAT_WEB_UI="true", CHAT_RATE_LIMIT_REQUESTS="1")
+def test_a_429_shows_a_countdown_from_retry_after(page: Page, servers: list[Worker]) -> None:
+    limited = servers[1]
     page.goto(f"{limited.url}/")
     send(page, "one")
     expect(page.locator(".message.assistant").last).to_have_text("echo: one [turns=1]")
@@ -192,8 +203,8 @@ def test_a_429_shows_a_countdown_from_retry_after(page: Page, chat_server: Calla
     expect(page.locator(".message")).to_have_count(2)
 
 
-def test_a_key_field_appears_when_the_api_has_keys(page: Page, chat_server: Callable[..., Worker]) -> None:
-    keyed = chat_server(CHAT_WEB_UI="true", CHAT_API_KEYS=KEY)
+def test_a_key_field_appears_when_the_api_has_keys(page: Page, servers: list[Worker]) -> None:
+    keyed = servers[2]
     page.goto(f"{keyed.url}/")
     expect(page.locator("#key-box")).to_be_hidden()
     send(page, "let me in")

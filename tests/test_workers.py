@@ -7,28 +7,41 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 from api.dev.standin import StandInModel
 from tests.processes import Worker, wait_until, workers
+from tests.topologies import own_prefix
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def deployment(
+    redis_url: str, standin: StandInModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Worker]]:
+    """Two workers for the whole module: each test has sessions of its own."""
+    with own_prefix(redis_url) as prefix:
+        env = {
+            "REDIS_URL": redis_url,
+            "ANTHROPIC_API_KEY": "test-key",
+            "ANTHROPIC_BASE_URL": standin.url,
+            "CHAT_REDIS_PREFIX": prefix,
+            "CHAT_LOCK_TTL_SECONDS": "2",
+        }
+        with workers(2, env, tmp_path_factory.mktemp("logs")) as started:
+            yield started
+
+
 @pytest.fixture
-def two_workers(redis_url: str, prefix: str, standin: StandInModel, tmp_logs: Path) -> Iterator[list[Worker]]:
-    env = {
-        "REDIS_URL": redis_url,
-        "ANTHROPIC_API_KEY": "test-key",
-        "ANTHROPIC_BASE_URL": standin.url,
-        "CHAT_REDIS_PREFIX": prefix,
-        "CHAT_LOCK_TTL_SECONDS": "2",
-    }
-    with workers(2, env, tmp_logs) as started:
-        yield started
+def two_workers(deployment: list[Worker]) -> list[Worker]:
+    """Both workers up, on their own ports, whatever an earlier test killed."""
+    for worker in deployment:
+        if not worker.alive:
+            worker.start()
+    return deployment
 
 
 def turn(worker: Worker, session: str, message: str) -> httpx.Response:

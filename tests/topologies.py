@@ -5,12 +5,14 @@ test's own, in a temporary directory, started with a bounded wait and stopped by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ import redis
 from redis.cluster import RedisCluster
 
 from tests.processes import free_port, stop_process, wait_until
+
+# A primary waits five seconds by default for more replicas before it serves a first full sync; a
+# topology of the tests' own starts its replicas together, and has nobody else to wait for.
+NO_SYNC_DELAY = ["--repl-diskless-sync-delay", "0"]
 
 
 def cluster_port() -> int:
@@ -46,6 +52,20 @@ def store_client(url: str, **options: Any) -> redis.Redis:
     if suite_mode() == "cluster":
         return RedisCluster.from_url(url, socket_timeout=5, **options)  # type: ignore[return-value]
     return redis.Redis.from_url(url, socket_timeout=5, **options)
+
+
+@contextlib.contextmanager
+def own_prefix(url: str) -> Iterator[str]:
+    """A key prefix of its own in the suite's Redis, so that users of one Redis do not see each other's
+    keys; every key under it is deleted afterwards."""
+    name = "t" + uuid.uuid4().hex[:12]
+    yield name
+    client = store_client(url)
+    try:
+        for key in list(client.scan_iter(f"{name}:*", count=1000)):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 def require_redis_tools() -> tuple[str, str]:
@@ -123,7 +143,8 @@ class Cluster:
         server, self.cli = require_redis_tools()
         self.replicas = replicas
         options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                   "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--appendonly", "no"]  # fmt: skip
+                   "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--appendonly", "no",
+                   *NO_SYNC_DELAY]  # fmt: skip
         self.nodes = [Node(server, work_dir / f"node{n}", options, port=cluster_port()) for n in range(size)]
 
     @property
@@ -195,7 +216,9 @@ class SentinelSet:
         self.service = service
         self.work_dir = work_dir
         self.down_after_ms = down_after_ms
-        self.servers = [Node(server, work_dir / f"redis{n}", ["--appendonly", "no"]) for n in range(3)]
+        self.servers = [
+            Node(server, work_dir / f"redis{n}", ["--appendonly", "no", *NO_SYNC_DELAY]) for n in range(3)
+        ]
         self.sentinels = [Node(server, work_dir / f"sentinel{n}") for n in range(3)]
 
     @property

