@@ -19,8 +19,8 @@ import pytest
 from api.config import Settings
 from api.dev.standin import StandInModel
 from tests.conftest import LiveApp
-from tests.processes import Worker, wait_until
-from tests.test_admission_workers import own_prefix, started
+from tests.processes import Worker, wait_until, workers
+from tests.topologies import own_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -132,8 +132,8 @@ def deployment(
             # Nothing the service logs may hold a key, at any level.
             "CHAT_LOG_LEVEL": "debug",
         }
-        with started(2, env, tmp_path_factory.mktemp("logs")) as workers:
-            yield Deployment(workers, mount)
+        with workers(2, env, tmp_path_factory.mktemp("logs")) as started:
+            yield Deployment(started, mount)
 
 
 def post_many(deployment: Deployment, key: str, count: int, message: str = "hi") -> list[httpx.Response]:
