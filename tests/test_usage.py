@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -89,11 +90,22 @@ def test_the_newest_message_and_the_system_prompt_are_marked_and_the_history_goe
     assert "cache_control" not in sent
 
 
-def test_the_second_turn_reads_the_first_from_the_cache(app_on: StartApp, cached: StandInModel) -> None:
+def test_the_second_turn_reads_the_first_from_the_cache(
+    app_on: StartApp, cached: StandInModel, caplog: pytest.LogCaptureFixture
+) -> None:
     app = app_on()
-    for n in range(3):
-        assert app.chat("reads", long(n, "reads")).status_code == 200
-    first, second, third = app.wait_reports(3)[-3:]
+    with caplog.at_level(logging.INFO, logger="api.turns"):
+        for n in range(3):
+            assert app.chat("reads", long(n, "reads")).status_code == 200
+        first, second, third = app.wait_reports(3)[-3:]
+    # The turn's log line carries both counts, as the report does.
+    logged = [r.turn for r in caplog.records if hasattr(r, "turn")][-3:]  # type: ignore[attr-defined]
+    assert [line["cache_read_input_tokens"] for line in logged] == [
+        r.cache_read_input_tokens for r in (first, second, third)
+    ]
+    assert [line["cache_creation_input_tokens"] for line in logged] == [
+        r.cache_creation_input_tokens for r in (first, second, third)
+    ]
     reported = cached.usage[-3:]
     # The first turn writes its prompt; each later one reads the turn before's and writes what is new.
     assert first.cache_read_input_tokens == 0 and first.cache_creation_input_tokens > 50
