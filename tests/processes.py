@@ -218,6 +218,17 @@ class ThreadServer:
         self.thread.join(10)
 
 
+def worker_env(redis_url: str, upstream_url: str, prefix: str, **settings: str) -> dict[str, str]:
+    """A worker's environment: this Redis and stand-in, its own key prefix, and `settings` on top."""
+    return {
+        "REDIS_URL": redis_url,
+        "ANTHROPIC_API_KEY": "test-key",
+        "ANTHROPIC_BASE_URL": upstream_url,
+        "CHAT_REDIS_PREFIX": prefix,
+        **settings,
+    }
+
+
 @contextlib.contextmanager
 def workers(count: int, env: dict[str, str], log_dir: Path) -> Iterator[list[Worker]]:
     """`count` workers on one configuration, launched side by side: each spends seconds importing."""

@@ -18,7 +18,7 @@ import redis as sync_redis
 from api.dev.standin import StandInModel
 from api.http.auth import tenant_of
 from api.store.keys import tenant_key
-from tests.processes import Worker, wait_until, workers
+from tests.processes import Worker, wait_until, worker_env, workers
 from tests.topologies import own_prefix
 
 pytestmark = pytest.mark.slow
@@ -45,18 +45,17 @@ def three_workers(
     redis_url: str, standin: StandInModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
     with own_prefix(redis_url) as prefix:
-        env = {
-            "REDIS_URL": redis_url,
-            "ANTHROPIC_API_KEY": "test-key",
-            "ANTHROPIC_BASE_URL": standin.url,
-            "CHAT_REDIS_PREFIX": prefix,
-            "CHAT_API_KEYS": f"{KEY_BURST},{KEY_TOKENS},{KEY_QUIET},sha256:{sha256_hex(KEY_DIGEST)}",
-            "CHAT_RATE_LIMIT_REQUESTS": "20",
-            "CHAT_RATE_LIMIT_TOKENS": "600",
+        env = worker_env(
+            redis_url,
+            standin.url,
+            prefix,
+            CHAT_API_KEYS=f"{KEY_BURST},{KEY_TOKENS},{KEY_QUIET},sha256:{sha256_hex(KEY_DIGEST)}",
+            CHAT_RATE_LIMIT_REQUESTS="20",
+            CHAT_RATE_LIMIT_TOKENS="600",
             # The most a log could ever say, for the test that looks for keys in it.
-            "CHAT_LOG_LEVEL": "debug",
-            "CHAT_LOG_FORMAT": "json",
-        }
+            CHAT_LOG_LEVEL="debug",
+            CHAT_LOG_FORMAT="json",
+        )
         with workers(3, env, tmp_path_factory.mktemp("logs")) as started:
             yield Deployment(started, prefix)
 
@@ -214,16 +213,15 @@ def test_no_key_appears_in_any_log_line_or_in_redis(three_workers: Deployment, r
 @pytest.fixture
 def two_streaming_workers(redis_url: str, standin: StandInModel, tmp_logs: Path) -> Iterator[list[Worker]]:
     with own_prefix(redis_url) as prefix:
-        env = {
-            "REDIS_URL": redis_url,
-            "ANTHROPIC_API_KEY": "test-key",
-            "ANTHROPIC_BASE_URL": standin.url,
-            "CHAT_REDIS_PREFIX": prefix,
-            "CHAT_API_KEYS": f"{KEY_BURST},{KEY_QUIET}",
-            "CHAT_RATE_LIMIT_CONCURRENT": "2",
-            "CHAT_LOCK_TTL_SECONDS": "2",  # the lease time, too
-            "CHAT_DRAIN_SECONDS": "1",
-        }
+        env = worker_env(
+            redis_url,
+            standin.url,
+            prefix,
+            CHAT_API_KEYS=f"{KEY_BURST},{KEY_QUIET}",
+            CHAT_RATE_LIMIT_CONCURRENT="2",
+            CHAT_LOCK_TTL_SECONDS="2",  # the lease time, too
+            CHAT_DRAIN_SECONDS="1",
+        )
         with workers(2, env, tmp_logs) as started:
             yield started
 

@@ -19,7 +19,7 @@ import pytest
 from api.config import Settings
 from api.dev.standin import StandInModel
 from tests.conftest import LiveApp
-from tests.processes import Worker, wait_until, workers
+from tests.processes import Worker, wait_until, worker_env, workers
 from tests.topologies import own_prefix
 
 pytestmark = pytest.mark.slow
@@ -120,18 +120,16 @@ def deployment(
     mount = ConfigMapMount(tmp_path_factory.mktemp("config") / "mount")
     mount.publish(BASE)
     with own_prefix(redis_url) as prefix:
-        env = {
-            "REDIS_URL": redis_url,
-            "ANTHROPIC_API_KEY": "test-key",
-            "ANTHROPIC_BASE_URL": standin.url,
-            "CHAT_REDIS_PREFIX": prefix,
-            "CHAT_API_KEYS": KEY_ENV,
-            "CHAT_API_KEYS_FILE": str(mount.path),
-            "CHAT_RATE_LIMIT_REQUESTS": str(DEFAULT_REQUESTS),
-            "CHAT_LOG_FORMAT": "json",
-            # Nothing the service logs may hold a key, at any level.
-            "CHAT_LOG_LEVEL": "debug",
-        }
+        env = worker_env(
+            redis_url,
+            standin.url,
+            prefix,
+            CHAT_API_KEYS=KEY_ENV,
+            CHAT_API_KEYS_FILE=str(mount.path),
+            CHAT_RATE_LIMIT_REQUESTS=str(DEFAULT_REQUESTS),
+            CHAT_LOG_FORMAT="json",
+            CHAT_LOG_LEVEL="debug",  # nothing the service logs may hold a key, at any level
+        )
         with workers(2, env, tmp_path_factory.mktemp("logs")) as started:
             yield Deployment(started, mount)
 

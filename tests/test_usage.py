@@ -20,7 +20,7 @@ from api.store.redis import make_redis
 from api.store.scripts import ScriptCall, Scripts
 from api.store.usage import EPOCH, TurnUsage, day_key, settle_args, settle_keys
 from tests.conftest import LiveApp
-from tests.processes import workers
+from tests.processes import worker_env, workers
 from tests.test_requests import assert_error
 
 StartApp = Callable[..., LiveApp]
@@ -287,12 +287,7 @@ async def test_the_token_limit_charges_cache_writes_but_not_cache_reads(admissio
 def test_usage_is_exact_over_fifty_turns_on_two_workers(
     redis_url: str, prefix: str, cached: StandInModel, tmp_path: Path
 ) -> None:
-    env = {
-        "REDIS_URL": redis_url,
-        "ANTHROPIC_API_KEY": "test-key",
-        "ANTHROPIC_BASE_URL": cached.url,
-        "CHAT_REDIS_PREFIX": prefix,
-    }
+    env = worker_env(redis_url, cached.url, prefix)
     before = len(cached.usage)
     with workers(2, env, tmp_path) as started:
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from api.dev.standin import StandInModel
-from tests.processes import Worker, wait_until, workers
+from tests.processes import Worker, wait_until, worker_env, workers
 from tests.topologies import own_prefix
 
 pytestmark = pytest.mark.slow
@@ -24,13 +24,7 @@ def deployment(
 ) -> Iterator[list[Worker]]:
     """Two workers for the whole module: each test has sessions of its own."""
     with own_prefix(redis_url) as prefix:
-        env = {
-            "REDIS_URL": redis_url,
-            "ANTHROPIC_API_KEY": "test-key",
-            "ANTHROPIC_BASE_URL": standin.url,
-            "CHAT_REDIS_PREFIX": prefix,
-            "CHAT_LOCK_TTL_SECONDS": "2",
-        }
+        env = worker_env(redis_url, standin.url, prefix, CHAT_LOCK_TTL_SECONDS="2")
         with workers(2, env, tmp_path_factory.mktemp("logs")) as started:
             yield started
 
