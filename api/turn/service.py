@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from api.config import Settings
 from api.errors import (
@@ -34,7 +34,7 @@ from api.errors import (
     UpstreamUnavailable,
 )
 from api.outcomes import Outcome, OutcomeRecorder, TurnReport
-from api.store.admission import Admission, Decision, Limits, Quota, Ticket
+from api.store.admission import Admission, Limits, Quota, Ticket
 from api.store.history import (
     CommitRefused,
     CommitUnconfirmed,
@@ -605,19 +605,28 @@ class ChatService:
         The limits go first, so that a request they refuse never touches its session."""
         token = new_token(request.protocol)
         limits = self.admission.limits(request.limits)
-        if keys is not None and hold.claim is None and not limits.unlimited and self.store.bundle is not None:
+        store, began = self.store, False
+        if keys is not None and hold.claim is None and not limits.unlimited and store.bundle is not None:
             # One round trip where one script can reach both: the lock is taken only once admitted.
-            decision, snapshot = await self._admit_and_begin(request.subject, limits, keys, token)
+            decision, reply = await self.admission.admit_then(
+                request.subject,
+                limits,
+                store.begin_call(keys, token),
+                store.release_call(keys, token),
+                store.bundle,
+            )
+            if reply is not None:
+                hold.snapshot, began = store.snapshot(keys, token, reply), True
         else:
-            decision, snapshot = await self.admission.admit(request.subject, limits), None
+            decision = await self.admission.admit(request.subject, limits)
         request.quota = decision.quota
         if not decision.allowed:
             raise RateLimited(decision.message, retry_after=decision.retry_after)
         hold.ticket = decision.ticket
         if keys is None:
             return None
-        if snapshot is not None:
-            hold.snapshot = snapshot if snapshot is not False else None
+        if began:
+            pass  # the lock was taken, or found busy, in admission's own script
         elif hold.claim is None:
             hold.snapshot = await self.store.begin(keys, token)
         else:
@@ -643,20 +652,6 @@ class ChatService:
         if self.settings.reply_log == "always":
             self.reader_asked(token)
         return None
-
-    async def _admit_and_begin(
-        self, subject: str, limits: Limits, keys: SessionKeys, token: str
-    ) -> tuple[Decision, Snapshot | Literal[False] | None]:
-        """Admission and, if it admits, the session's lock and history, in one round trip. The
-        snapshot is False when another turn holds the lock."""
-        store = self.store
-        assert store.bundle is not None
-        decision, reply = await self.admission.admit_then(
-            subject, limits, store.begin_call(keys, token), store.release_call(keys, token), store.bundle
-        )
-        if reply is None:
-            return decision, None
-        return decision, store.snapshot(keys, token, reply) or False
 
     async def quota(self, subject: str, limits: Limits | None = None) -> Quota | None:
         """The request limit as it stands, for a response refused before admission; None if unknown."""
