@@ -107,16 +107,7 @@ class DirectUpstream:
         self._head = b"\r\n".join(lines) + b"\r\n"
         self._transport = transport
         self._max_retries = client.max_retries
-        timeout = client.timeout
-        if isinstance(timeout, httpx2.Timeout):
-            self._timeouts = {
-                "connect": timeout.connect,
-                "read": timeout.read,
-                "write": timeout.write,
-                "pool": timeout.pool,
-            }
-        else:
-            self._timeouts = dict.fromkeys(("connect", "read", "write", "pool"), timeout)
+        self._timeouts = httpx2.Timeout(client.timeout).as_dict()  # what httpx hands its transport
 
     async def open(self, body: dict[str, Any]) -> tuple[BodyStream, str | None]:
         """Send the request, retrying what the SDK would retry, and return the body of the 200 and its
