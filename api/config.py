@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     redis_cluster_nodes: CommaList = Field(default_factory=list)
     # Replicas that must hold a commit before the reply ends (WAIT); 0 trusts asynchronous replication.
     redis_wait_replicas: int = Field(0, ge=0, le=16)
+    # With one Redis, a turn's two script calls share one connection rather than take one from the
+    # pool each: a third of a turn's CPU (api/store/multiplex.py). Ignored with Sentinel or a cluster.
+    redis_shared_connection: bool = True
 
     # Upstream.
     upstream_max_retries: int = Field(2, ge=0, le=10)

@@ -20,9 +20,11 @@ from api.http.protocol import ChatHttpProtocol, JsonErrorProtocol
 from api.http.server import uvicorn_options
 from api.main import create_app
 from api.outcomes import Outcome, TurnReport
+from api.store.multiplex import SharedConnection
 from api.upstream.client import Upstream, UpstreamRequest
 from api.upstream.transport import LeanTransport
-from tests.conftest import asgi_client
+from tests.conftest import LiveApp, asgi_client
+from tests.topologies import suite_mode
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +191,30 @@ async def test_both_paths_retry_and_fail_alike(
         await upstream.aclose()
     sent = [r for r in standin.requests if _message_of(r) == mark]
     assert [r.headers["x-stainless-retry-count"] for r in sent] == [str(n) for n in range(attempts)]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_shared_connection_setting_picks_how_a_turns_calls_reach_redis(
+    live_app: Callable[..., LiveApp], monkeypatch: pytest.MonkeyPatch, shared: bool
+) -> None:
+    if suite_mode() != "single":
+        pytest.skip("a shared connection is for one Redis")
+    sent: list[Any] = []
+    call = SharedConnection.call
+
+    async def counted(self: SharedConnection, *args: Any) -> Any:
+        sent.append(args[0])
+        return await call(self, *args)
+
+    monkeypatch.setattr(SharedConnection, "call", counted)
+    app = live_app(redis_shared_connection=shared, rate_limit_requests=100)
+    assert app.chat("shared", "one").text == "echo: one [turns=1]"
+    assert app.chat("shared", "two").text == "echo: two [turns=2]"
+    # Two turns: admission with the lock, and the commit with its settlement, each one script.
+    assert sent == (["EVALSHA"] * 4 if shared else [])
+    assert [m["content"] for m in app.history("shared")] == [
+        "one",
+        "echo: one [turns=1]",
+        "two",
+        "echo: two [turns=2]",
+    ]

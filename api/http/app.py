@@ -35,8 +35,9 @@ from api.ops.metrics import Metrics
 from api.outcomes import OutcomeRecorder, TurnHook
 from api.store.admission import Admission, Limits
 from api.store.history import SessionStore
-from api.store.redis import Client, close, make_redis, prepare
-from api.store.scripts import Scripts
+from api.store.multiplex import SharedConnection
+from api.store.redis import Client, TimedRedis, close, make_redis, prepare
+from api.store.scripts import Bundle, Scripts
 from api.turn.service import ChatService
 from api.turn.slots import GenerationSlots
 from api.upstream.client import Upstream
@@ -96,8 +97,15 @@ def create_app(
         quiet_aborted_streams()
         client = redis or make_redis(settings)
         if redis is None:
-            await prepare(client, Scripts.sources(), settings.redis_timeout_seconds)
+            await prepare(client, [*Scripts.sources(), Bundle.source()], settings.redis_timeout_seconds)
         scripts = Scripts.register(client)
+        shared = (
+            SharedConnection(client, settings.redis_timeout_seconds)
+            if settings.redis_shared_connection
+            and isinstance(client, TimedRedis)
+            and settings.redis_mode == "single"
+            else None
+        )
         store = SessionStore(
             client,
             scripts,
@@ -107,6 +115,7 @@ def create_app(
             on_error=metrics.redis_error,
             wait_replicas=settings.redis_wait_replicas,
             wait_timeout=settings.redis_timeout_seconds,
+            shared=shared,
         )
         upstream = Upstream(settings)
         admission = Admission(client, scripts, settings, on_error=metrics.redis_error)
@@ -134,6 +143,8 @@ def create_app(
             await chat.stop_listening()
             await chat.renewer.aclose()
             await upstream.aclose()
+            if shared is not None:
+                await shared.aclose()
             if redis is None:
                 await close(client)
             metrics.close()

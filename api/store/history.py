@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.errors import StoreUnavailable
 from api.store.keys import SessionKeys
 from api.store.locks import SessionLock
+from api.store.multiplex import SharedConnection
 from api.store.redis import Client
 from api.store.replies import CommitTail
 from api.store.scripts import Bundle, Confirm, ScriptCall, Scripts, give_back, run_together
@@ -100,10 +101,11 @@ class SessionStore:
         on_error: Callable[[], None] | None = None,
         wait_replicas: int = 0,
         wait_timeout: float = 5.0,
+        shared: SharedConnection | None = None,
     ) -> None:
         self.redis = redis
         # Calls sent together go as one script, where one script may touch them all.
-        self.bundle = None if isinstance(redis, RedisCluster) else Bundle(redis, scripts)
+        self.bundle = None if isinstance(redis, RedisCluster) else Bundle(redis, scripts, shared)
         # Each commit waits for this many replicas to hold it, so that a failover cannot lose it.
         self.confirm = Confirm(wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas else None
         self.on_error = on_error  # told of every Redis failure, e.g. to count it

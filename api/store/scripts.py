@@ -22,6 +22,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
+from api.store.multiplex import SharedConnection
 from api.store.redis import Client, TimedClusterPipeline, TimedPipeline
 
 log = logging.getLogger("api.store.scripts")
@@ -98,14 +99,21 @@ class Bundle:
     in different slots. The calls run as one atomic step, which each of them was already alone.
     """
 
-    def __init__(self, redis: Client, scripts: Scripts) -> None:
-        names = list(Scripts.__dataclass_fields__)
+    def __init__(self, redis: Client, scripts: Scripts, shared: SharedConnection | None = None) -> None:
+        self.redis = redis
+        self.shared = shared  # where the bundle goes, when set (one Redis); else redis-py's pool
+        self.script = redis.register_script(self.source())
+        self._index = {
+            getattr(scripts, name).sha: index for index, name in enumerate(Scripts.__dataclass_fields__, 1)
+        }
+
+    @staticmethod
+    def source() -> str:
         functions = [
             f"scripts[{index}] = function(KEYS, ARGV)\n{script_source(name)}\nend"
-            for index, name in enumerate(names, 1)
+            for index, name in enumerate(Scripts.__dataclass_fields__, 1)
         ]
-        self.script = redis.register_script("local scripts = {}\n" + "\n".join(functions) + _BUNDLE_RUNNER)
-        self._index = {getattr(scripts, name).sha: index for index, name in enumerate(names, 1)}
+        return "local scripts = {}\n" + "\n".join(functions) + _BUNDLE_RUNNER
 
     async def run(self, calls: Sequence[ScriptCall], *, gated: bool = False) -> list[Any]:
         """Each call's result, or a `ResponseError` in its place; with `gated`, only up to the first
@@ -117,8 +125,16 @@ class Bundle:
             layout += [self._index[call.script.sha], len(call.keys), len(call.args)]
             keys += call.keys
             args += call.args
-        results: list[Any] = await self.script(keys=keys, args=layout + args)
-        return results
+        if self.shared is None:
+            results: list[Any] = await self.script(keys=keys, args=layout + args)
+            return results
+        command = ("EVALSHA", self.script.sha, len(keys), *keys, *layout, *args)
+        try:
+            return await self.shared.call(*command)  # type: ignore[no-any-return]
+        except NoScriptError:
+            # A restarted Redis, or one that was flushed: load it, as AsyncScript would, and send again.
+            await self.redis.script_load(self.script.script)
+            return await self.shared.call(*command)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)

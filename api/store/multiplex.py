@@ -1,0 +1,196 @@
+"""One connection to Redis that all of a worker's calls of a kind share at once.
+
+Redis answers a connection's commands in the order they came, so calls need not take turns for a
+connection of their own: each is written as it comes (all those of one loop iteration in one write)
+and its reply is the next one off the wire. This is for the script calls every turn makes (a bundle:
+admission with the session's lock, then the commit with its settlement); everything else goes
+through redis-py. redis-py's pool gives each call a connection of its own, and its bookkeeping per
+call (the pool's lock and condition, retries, event hooks, packing in Python, a stream reader) costs
+a worker about a third of a turn's CPU: docs/hand-written-parts.md has the measurement, and
+`CHAT_REDIS_SHARED_CONNECTION=false` turns this off.
+
+What a pooled connection would do is kept: a reply parsed by hiredis, as redis-py parses it, with a
+Redis error raised as redis-py's own exception; a connection that fails or a Redis that does not
+answer within the call's time limit raises redis-py's `ConnectionError` or `TimeoutError`, and the
+next call connects again. The address, credentials, database and TLS settings are those of
+redis-py's own connection for the same URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import AuthenticationError, NoScriptError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("api.store.multiplex")
+
+# What redis-py raises for an error reply that names its kind; any other is a ResponseError.
+_ERRORS: dict[str, type[ResponseError]] = {"NOSCRIPT": NoScriptError, "READONLY": ReadOnlyError}
+
+
+def reply_error(message: str) -> ResponseError:
+    kind, _, rest = message.partition(" ")
+    error = _ERRORS.get(kind)
+    return error(rest, status_code=kind) if error is not None else ResponseError(message, status_code=kind)
+
+
+class _Link(asyncio.Protocol):
+    """A connected socket: what was sent, in order, waiting for its reply."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reader = hiredis.Reader(replyError=reply_error)
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.pending: list[bytes] = []  # written at the end of this loop iteration
+        self.transport: asyncio.Transport | None = None
+        self.lost: RedisError | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        if self.lost is not None:
+            raise self.lost
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        if not self.pending:
+            self.loop.call_soon(self._flush)
+        self.pending.append(command)
+        return future
+
+    def _flush(self) -> None:
+        if self.transport is not None and self.pending and self.lost is None:
+            self.transport.write(b"".join(self.pending))
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                future = self.waiting.popleft()
+                if not future.done():  # its caller may have gone: the reply is read, and dropped
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            # Not Redis's protocol, or a reply nobody asked for: nothing after it can be trusted.
+            self.fail(RedisConnectionError(f"Redis sent what cannot be read: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"Redis closed the connection: {exc or 'end of stream'}"))
+
+    def fail(self, error: RedisError) -> None:
+        """Close, and fail every call still waiting: their outcome is unknown, as on any lost
+        connection (each caller gives back what its call may have taken)."""
+        if self.lost is None:
+            self.lost = error
+        if self.transport is not None:
+            self.transport.abort()
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self.pending.clear()
+
+
+class SharedConnection:
+    """Calls sent on one connection at once; see the module's docstring."""
+
+    def __init__(self, redis: Redis, call_timeout: float) -> None:
+        pool = redis.connection_pool
+        # redis-py's own connection for this URL, never connected: its settings are what we use.
+        self.settings: AbstractConnection = pool.connection_class(**pool.connection_kwargs)
+        self.call_timeout = call_timeout
+        self._link: _Link | None = None
+        self._connecting: asyncio.Task[_Link] | None = None
+
+    async def call(self, *args: Any) -> Any:
+        """One command's reply; an error reply is raised, as redis-py raises it."""
+        command = hiredis.pack_command(args)
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                link = self._link
+                if link is None or link.lost is not None:
+                    link = await self._connect()
+                reply = await link.send(command)
+        except TimeoutError as exc:
+            # Redis is stuck or the network is: every call behind this one would wait as long.
+            if self._link is not None:
+                self._link.fail(RedisTimeoutError("no reply from Redis"))
+            raise RedisTimeoutError(f"no reply from Redis within {self.call_timeout} s") from exc
+        if isinstance(reply, ResponseError):
+            if isinstance(reply, ReadOnlyError) and self._link is not None:
+                # This Redis became a replica: connect again, to whatever the address now names.
+                self._link.fail(RedisConnectionError("Redis is now a replica"))
+            raise reply
+        return reply
+
+    async def _connect(self) -> _Link:
+        # One attempt at a time: the calls that arrive meanwhile wait for the same connection.
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._open())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _open(self) -> _Link:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        link = _Link(loop)
+        try:
+            async with asyncio.timeout(settings.socket_connect_timeout or self.call_timeout):
+                if isinstance(settings, UnixDomainSocketConnection):
+                    await loop.create_unix_connection(lambda: link, settings.path)
+                elif isinstance(settings, SSLConnection):
+                    await loop.create_connection(
+                        lambda: link, settings.host, settings.port, ssl=settings.ssl_context.get()
+                    )
+                else:
+                    assert isinstance(settings, Connection)
+                    await loop.create_connection(lambda: link, settings.host, settings.port)
+                await self._handshake(link)
+        except (OSError, TimeoutError) as exc:
+            link.fail(RedisConnectionError(str(exc)))
+            raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from exc
+        except BaseException:
+            link.fail(RedisConnectionError("the connection was not completed"))
+            raise
+        self._link = link
+        return link
+
+    async def _handshake(self, link: _Link) -> None:
+        settings = self.settings
+        steps: list[tuple[Any, ...]] = []
+        if settings.credential_provider is not None:
+            steps.append(("AUTH", *await settings.credential_provider.get_credentials_async()))
+        elif settings.password is not None:
+            steps.append(("AUTH", *filter(None, (settings.username, settings.password))))
+        if settings.db:
+            steps.append(("SELECT", settings.db))
+        if settings.client_name:
+            steps.append(("CLIENT", "SETNAME", settings.client_name))
+        replies = await asyncio.gather(*(link.send(hiredis.pack_command(step)) for step in steps))
+        for step, reply in zip(steps, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                error = AuthenticationError if step[0] == "AUTH" else RedisConnectionError
+                raise error(f"Redis refused {step[0]}: {reply}")
+
+    async def aclose(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._link is not None:
+            self._link.fail(RedisConnectionError("closed"))
+            self._link = None
