@@ -117,21 +117,21 @@ class SharedConnection:
     async def call(self, *args: Any) -> Any:
         """One command's reply; an error reply is raised, as redis-py raises it."""
         command = hiredis.pack_command(args)
+        link = self._link
         try:
             async with asyncio.timeout(self.call_timeout):
-                link = self._link
                 if link is None or link.lost is not None:
                     link = await self._connect()
                 reply = await link.send(command)
         except TimeoutError as exc:
             # Redis is stuck or the network is: every call behind this one would wait as long.
-            if self._link is not None:
-                self._link.fail(RedisTimeoutError("no reply from Redis"))
+            if link is not None:
+                link.fail(RedisTimeoutError("no reply from Redis"))
             raise RedisTimeoutError(f"no reply from Redis within {self.call_timeout} s") from exc
         if isinstance(reply, ResponseError):
-            if isinstance(reply, ReadOnlyError) and self._link is not None:
+            if isinstance(reply, ReadOnlyError):
                 # This Redis became a replica: connect again, to whatever the address now names.
-                self._link.fail(RedisConnectionError("Redis is now a replica"))
+                link.fail(RedisConnectionError("Redis is now a replica"))
             raise reply
         return reply
 
