@@ -46,10 +46,16 @@ def reply_error(message: str) -> ResponseError:
 class _Link(asyncio.Protocol):
     """A connected socket: what was sent, in order, waiting for its reply."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
+        self.timeout = timeout
         self.reader = hiredis.Reader(replyError=reply_error)
         self.waiting: deque[asyncio.Future[Any]] = deque()
+        # When each call waiting was sent, oldest first. Redis answers in order, so while the oldest
+        # has waited less than the time limit so has every other: one timer watches them all,
+        # rather than one per call.
+        self.sent_at: deque[float] = deque()
+        self.watch: asyncio.TimerHandle | None = None
         self.pending: list[bytes] = []  # written at the end of this loop iteration
         self.transport: asyncio.Transport | None = None
         self.lost: RedisError | None = None
@@ -65,6 +71,9 @@ class _Link(asyncio.Protocol):
             raise self.lost
         future = self.loop.create_future()
         self.waiting.append(future)
+        self.sent_at.append(self.loop.time())
+        if self.watch is None:
+            self.watch = self.loop.call_at(self.sent_at[0] + self.timeout, self._check)
         if not self.pending:
             self.loop.call_soon(self._flush)
         self.pending.append(command)
@@ -80,11 +89,22 @@ class _Link(asyncio.Protocol):
         try:
             while (reply := self.reader.gets()) is not False:
                 future = self.waiting.popleft()
+                self.sent_at.popleft()
                 if not future.done():  # its caller may have gone: the reply is read, and dropped
                     future.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as exc:
             # Not Redis's protocol, or a reply nobody asked for: nothing after it can be trusted.
             self.fail(RedisConnectionError(f"Redis sent what cannot be read: {exc!r}"))
+
+    def _check(self) -> None:
+        self.watch = None
+        if not self.sent_at:
+            return
+        if self.loop.time() - self.sent_at[0] >= self.timeout:
+            # Redis is stuck, or the network is: every call behind the oldest would wait as long.
+            self.fail(RedisTimeoutError(f"no reply from Redis within {self.timeout} s"))
+        else:
+            self.watch = self.loop.call_at(self.sent_at[0] + self.timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError(f"Redis closed the connection: {exc or 'end of stream'}"))
@@ -96,10 +116,14 @@ class _Link(asyncio.Protocol):
             self.lost = error
         if self.transport is not None:
             self.transport.abort()
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
+        self.sent_at.clear()
         self.pending.clear()
 
 
@@ -118,16 +142,9 @@ class SharedConnection:
         """One command's reply; an error reply is raised, as redis-py raises it."""
         command = hiredis.pack_command(args)
         link = self._link
-        try:
-            async with asyncio.timeout(self.call_timeout):
-                if link is None or link.lost is not None:
-                    link = await self._connect()
-                reply = await link.send(command)
-        except TimeoutError as exc:
-            # Redis is stuck or the network is: every call behind this one would wait as long.
-            if link is not None:
-                link.fail(RedisTimeoutError("no reply from Redis"))
-            raise RedisTimeoutError(f"no reply from Redis within {self.call_timeout} s") from exc
+        if link is None or link.lost is not None:
+            link = await self._connect()
+        reply = await link.send(command)  # the link fails it if Redis does not answer in time
         if isinstance(reply, ResponseError):
             if isinstance(reply, ReadOnlyError):
                 # This Redis became a replica: connect again, to whatever the address now names.
@@ -149,7 +166,7 @@ class SharedConnection:
     async def _open(self) -> _Link:
         loop = asyncio.get_running_loop()
         settings = self.settings
-        link = _Link(loop)
+        link = _Link(loop, self.call_timeout)
         try:
             async with asyncio.timeout(settings.socket_connect_timeout or self.call_timeout):
                 if isinstance(settings, UnixDomainSocketConnection):
