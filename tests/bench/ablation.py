@@ -28,7 +28,11 @@ class Arm:
 # Each arm but the service drops exactly one part (its setting is in docs/hand-written-parts.md). The
 # service arm turns every part on, whatever the defaults, so that each is measured against its library.
 ARMS = [
-    Arm("service", "this service, every part", {"CHAT_HTTP_PROTOCOL": "chat", "CHAT_FAST_PATH": "true"}),
+    Arm(
+        "service",
+        "this service, every part",
+        {"CHAT_HTTP_PROTOCOL": "chat", "CHAT_FAST_PATH": "true", "CHAT_REDIS_SHARED_CONNECTION": "true"},
+    ),
     Arm(
         "stock_transport",
         "the SDK's stock transport",
@@ -41,6 +45,12 @@ ARMS = [
         "the SDK building every request",
         {"CHAT_UPSTREAM_CLIENT": "sdk"},
         "api/upstream/direct.py",
+    ),
+    Arm(
+        "redis_pool",
+        "redis-py's pool for a turn's script calls",
+        {"CHAT_REDIS_SHARED_CONNECTION": "false"},
+        "api/store/multiplex.py",
     ),
     Arm(
         "stock_protocol",
