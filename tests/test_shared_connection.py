@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,14 +17,16 @@ import redis
 from redis.asyncio import Redis
 from redis.exceptions import (
     AuthenticationError,
+    BusyLoadingError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.store.multiplex import SharedConnection
+from api.store.multiplex import SharedConnection, reply_error
 from tests.processes import RedisServer, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -209,3 +212,49 @@ async def test_a_redis_that_became_a_replica_is_left_for_a_new_connection(tmp_pa
         await client.aclose()
         replica.stop()
         primary.stop()
+
+
+async def test_a_connection_attempt_that_failed_with_nobody_waiting_is_not_reused(tmp_path: Path) -> None:
+    # A socket that takes connections and never answers: the handshake (SELECT, for db 1) hangs
+    # until the connect timeout, after its only caller has gone.
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/1?socket_connect_timeout=0.3")
+    shared = SharedConnection(client, call_timeout=2.0)
+    server = RedisServer(tmp_path / "late")
+    try:
+        gone = asyncio.ensure_future(shared.call("PING"))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        attempt = shared._connecting
+        assert attempt is not None
+        await asyncio.wait([attempt], timeout=5)  # it fails on its own, with nobody waiting
+        assert attempt.done()
+        silent.close()
+        server.port = port
+        server.start()
+        assert await shared.call("PING") == b"PONG"
+    finally:
+        silent.close()
+        await shared.aclose()
+        await client.aclose()
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("NOSCRIPT No matching script", NoScriptError),
+        ("READONLY You can't write against a read only replica.", ReadOnlyError),
+        ("LOADING Redis is loading the dataset in memory", BusyLoadingError),
+        ("OOM command not allowed when used memory > 'maxmemory'.", OutOfMemoryError),
+        ("NOAUTH Authentication required.", AuthenticationError),
+        ("ERR Error running script", ResponseError),
+    ],
+)
+def test_error_replies_become_the_exceptions_redis_py_raises_for_them(reply: str, expected: type) -> None:
+    error = reply_error(reply)
+    assert type(error) is expected
+    assert error.status_code == reply.split(" ")[0]

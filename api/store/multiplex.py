@@ -27,17 +27,32 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import AuthenticationError, NoScriptError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("api.store.multiplex")
 
-# What redis-py raises for an error reply that names its kind; any other is a ResponseError.
-_ERRORS: dict[str, type[ResponseError]] = {"NOSCRIPT": NoScriptError, "READONLY": ReadOnlyError}
+# What redis-py raises for the error replies a script call can get; any other is a ResponseError.
+_ERRORS: dict[str, type[RedisError]] = {
+    "NOSCRIPT": NoScriptError,
+    "READONLY": ReadOnlyError,
+    "LOADING": BusyLoadingError,  # a restarted Redis still reading its data: a ConnectionError
+    "OOM": OutOfMemoryError,
+    "NOAUTH": AuthenticationError,
+    "WRONGPASS": AuthenticationError,
+}
 
 
-def reply_error(message: str) -> ResponseError:
+def reply_error(message: str) -> RedisError:
     kind, _, rest = message.partition(" ")
     error = _ERRORS.get(kind)
     return error(rest, status_code=kind) if error is not None else ResponseError(message, status_code=kind)
@@ -145,7 +160,7 @@ class SharedConnection:
         if link is None or link.lost is not None:
             link = await self._connect()
         reply = await link.send(command)  # the link fails it if Redis does not answer in time
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, RedisError):
             if isinstance(reply, ReadOnlyError):
                 # This Redis became a replica: connect again, to whatever the address now names.
                 link.fail(RedisConnectionError("Redis is now a replica"))
@@ -153,10 +168,11 @@ class SharedConnection:
         return reply
 
     async def _connect(self) -> _Link:
-        # One attempt at a time: the calls that arrive meanwhile wait for the same connection.
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(self._open())
+        # One attempt at a time: the calls that arrive meanwhile wait for the same connection. One
+        # that ended with nobody waiting (its callers gone) is stale: a new attempt is made.
         connecting = self._connecting
+        if connecting is None or connecting.done():
+            connecting = self._connecting = asyncio.get_running_loop().create_task(self._open())
         try:
             return await asyncio.shield(connecting)
         finally:
@@ -201,7 +217,7 @@ class SharedConnection:
             steps.append(("CLIENT", "SETNAME", settings.client_name))
         replies = await asyncio.gather(*(link.send(hiredis.pack_command(step)) for step in steps))
         for step, reply in zip(steps, replies, strict=True):
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, RedisError):
                 error = AuthenticationError if step[0] == "AUTH" else RedisConnectionError
                 raise error(f"Redis refused {step[0]}: {reply}")
 
