@@ -15,18 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 from redis.asyncio import Redis
-from redis.exceptions import (
-    AuthenticationError,
-    BusyLoadingError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-)
+from redis.exceptions import AuthenticationError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.store.multiplex import SharedConnection, reply_error
+from api.store.multiplex import SharedConnection
 from tests.processes import RedisServer, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -136,8 +129,8 @@ async def test_a_redis_that_stops_answering_times_out_every_waiting_call_then_re
             started = asyncio.get_running_loop().time()
             calls = [asyncio.ensure_future(shared.call("ECHO", str(n))) for n in range(3)]
             results = await asyncio.gather(*calls, return_exceptions=True)
-            assert all(isinstance(r, RedisTimeoutError | RedisConnectionError) for r in results), results
-            assert asyncio.get_running_loop().time() - started < 2.0
+            assert all(type(r) is RedisTimeoutError for r in results), results
+            assert asyncio.get_running_loop().time() - started < 4.0  # the 0.5 s limit, not a hang
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)
         # The connection that may yet carry the late replies was dropped: a new one answers in step.
@@ -190,28 +183,84 @@ async def test_a_unix_socket_url(tmp_path: Path) -> None:
         server.stop()
 
 
-async def test_a_redis_that_became_a_replica_is_left_for_a_new_connection(tmp_path: Path) -> None:
-    primary = RedisServer(tmp_path / "primary")
+@pytest.mark.parametrize("inside_a_script", [False, True])
+async def test_a_redis_that_became_a_replica_is_left_for_a_new_connection(
+    tmp_path: Path, inside_a_script: bool
+) -> None:
+    primary = RedisServer(tmp_path / "primary", extra=["--repl-diskless-sync-delay", "0"])
     replica = RedisServer(tmp_path / "replica")
     primary.start()
     replica.start()
     client = Redis.from_url(replica.url)
     shared = SharedConnection(client, call_timeout=2.0)
     admin = redis.Redis(port=replica.port)
+    # A bundle runs each script under pcall: a write refused on a replica comes back inside its list.
+    write = (
+        (
+            "EVAL",
+            "local ok, e = pcall(redis.call, 'SET', KEYS[1], 'w') "
+            "if ok then return {1} end return {type(e) == 'table' and e or {err = tostring(e)}}",
+            1,
+            "k",
+        )
+        if inside_a_script
+        else ("SET", "k", "w")
+    )
     try:
         assert await shared.call("SET", "k", "v") == b"OK"
+        first = await shared.call("CLIENT", "ID")
         admin.replicaof("127.0.0.1", primary.port)
-        wait_until(lambda: admin.info("replication")["role"] == "slave", 5, "the replica's new role")
-        with pytest.raises(ReadOnlyError):
-            await shared.call("SET", "k", "w")
+        wait_until(
+            lambda: admin.info("replication").get("master_link_status") == "up", 10, "the replica's sync"
+        )
+        if inside_a_script:
+            reply = await shared.call(*write)
+            assert isinstance(reply[0], ReadOnlyError)
+        else:
+            with pytest.raises(ReadOnlyError):
+                await shared.call(*write)
         admin.replicaof("no", "one")
-        assert await shared.call("SET", "k", "w") == b"OK"
+        assert await shared.call(*write) in (b"OK", [1])
+        assert await shared.call("CLIENT", "ID") != first  # a new connection
     finally:
         admin.close()
         await shared.aclose()
         await client.aclose()
         replica.stop()
         primary.stop()
+
+
+async def test_a_redis_with_no_room_for_another_client_is_a_connection_error(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "full", extra=["--maxclients", "1"])
+    server.start()
+    holder = redis.Redis(port=server.port)
+    client = Redis.from_url(server.url)
+    shared = SharedConnection(client, call_timeout=2.0)
+    try:
+        assert holder.ping()  # the only client Redis takes
+        with pytest.raises(RedisConnectionError):
+            await shared.call("ECHO", "no room")
+    finally:
+        holder.close()
+        await shared.aclose()
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_closed_connection_refuses_calls_and_fails_those_in_flight(server: RedisServer) -> None:
+    client = Redis.from_url(server.url)
+    shared = SharedConnection(client, call_timeout=5.0)
+    try:
+        assert await shared.call("PING") == b"PONG"
+        in_flight = asyncio.ensure_future(shared.call("BLPOP", "shared:never", 2))
+        await asyncio.sleep(0.05)
+        await shared.aclose()
+        with pytest.raises(RedisConnectionError):
+            await in_flight
+        with pytest.raises(RedisConnectionError):
+            await shared.call("PING")
+    finally:
+        await client.aclose()
 
 
 async def test_a_connection_attempt_that_failed_with_nobody_waiting_is_not_reused(tmp_path: Path) -> None:
@@ -241,20 +290,3 @@ async def test_a_connection_attempt_that_failed_with_nobody_waiting_is_not_reuse
         await shared.aclose()
         await client.aclose()
         server.stop()
-
-
-@pytest.mark.parametrize(
-    ("reply", "expected"),
-    [
-        ("NOSCRIPT No matching script", NoScriptError),
-        ("READONLY You can't write against a read only replica.", ReadOnlyError),
-        ("LOADING Redis is loading the dataset in memory", BusyLoadingError),
-        ("OOM command not allowed when used memory > 'maxmemory'.", OutOfMemoryError),
-        ("NOAUTH Authentication required.", AuthenticationError),
-        ("ERR Error running script", ResponseError),
-    ],
-)
-def test_error_replies_become_the_exceptions_redis_py_raises_for_them(reply: str, expected: type) -> None:
-    error = reply_error(reply)
-    assert type(error) is expected
-    assert error.status_code == reply.split(" ")[0]

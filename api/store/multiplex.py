@@ -10,7 +10,7 @@ a worker about a third of a turn's CPU: docs/hand-written-parts.md has the measu
 `CHAT_REDIS_SHARED_CONNECTION=false` turns this off.
 
 What a pooled connection would do is kept: a reply parsed by hiredis, as redis-py parses it, with a
-Redis error raised as redis-py's own exception; a connection that fails or a Redis that does not
+Redis error raised as redis-py's own exception; TCP keepalive as redis-py sets it; a connection that fails or a Redis that does not
 answer within the call's time limit raises redis-py's `ConnectionError` or `TimeoutError`, and the
 next call connects again. The address, credentials, database and TLS settings are those of
 redis-py's own connection for the same URL.
@@ -19,52 +19,47 @@ redis-py's own connection for the same URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, cast
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import (
-    AuthenticationError,
-    BusyLoadingError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-)
+from redis.exceptions import AuthenticationError, ReadOnlyError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("api.store.multiplex")
 
-# What redis-py raises for the error replies a script call can get; any other is a ResponseError.
-_ERRORS: dict[str, type[RedisError]] = {
-    "NOSCRIPT": NoScriptError,
-    "READONLY": ReadOnlyError,
-    "LOADING": BusyLoadingError,  # a restarted Redis still reading its data: a ConnectionError
-    "OOM": OutOfMemoryError,
-    "NOAUTH": AuthenticationError,
-    "WRONGPASS": AuthenticationError,
-}
+# An error reply becomes the exception redis-py raises for it (NOSCRIPT, READONLY, LOADING, a full
+# server, ...): redis-py's own table, so the callers' handling of redis-py's errors holds here too.
+reply_error = BaseParser.parse_error
+
+# What `gets` returns while a reply is incomplete: a value no reply can be.
+_INCOMPLETE = object()
 
 
-def reply_error(message: str) -> RedisError:
-    kind, _, rest = message.partition(" ")
-    error = _ERRORS.get(kind)
-    return error(rest, status_code=kind) if error is not None else ResponseError(message, status_code=kind)
+def _replica_said_so(reply: Any) -> bool:
+    """A write refused because this Redis is now a replica: at the top, or inside a bundle's list,
+    where each script's own error is kept in its place."""
+    if isinstance(reply, ReadOnlyError):
+        return True
+    return isinstance(reply, list) and any(isinstance(item, ReadOnlyError) for item in reply)
 
 
 class _Link(asyncio.Protocol):
     """A connected socket: what was sent, in order, waiting for its reply."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: AbstractConnection, timeout: float) -> None:
         self.loop = loop
+        self.settings = settings
         self.timeout = timeout
-        self.reader = hiredis.Reader(replyError=reply_error)
+        self.reader = hiredis.Reader(replyError=reply_error, notEnoughData=_INCOMPLETE)
         self.waiting: deque[asyncio.Future[Any]] = deque()
         # When each call waiting was sent, oldest first. Redis answers in order, so while the oldest
         # has waited less than the time limit so has every other: one timer watches them all,
@@ -78,8 +73,17 @@ class _Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass asyncio's
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        settings = self.settings
+        if isinstance(settings, Connection) and settings.socket_keepalive:
+            # As redis-py's own connections do: a peer that vanished without a word (a NAT or a load
+            # balancer that dropped an idle connection) is found before a turn waits on it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            options = settings.socket_keepalive_options
+            for option, value in options.items() if isinstance(options, Mapping) else ():
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.lost is not None:
@@ -102,7 +106,7 @@ class _Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         try:
-            while (reply := self.reader.gets()) is not False:
+            while (reply := self.reader.gets()) is not _INCOMPLETE:
                 future = self.waiting.popleft()
                 self.sent_at.popleft()
                 if not future.done():  # its caller may have gone: the reply is read, and dropped
@@ -136,8 +140,8 @@ class _Link(asyncio.Protocol):
             self.watch = None
         while self.waiting:
             future = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            if not future.done():  # an exception of its own each: a traceback is its caller's
+                future.set_exception(type(error)(*error.args))
         self.sent_at.clear()
         self.pending.clear()
 
@@ -152,22 +156,26 @@ class SharedConnection:
         self.call_timeout = call_timeout
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
+        self._closed = False
 
     async def call(self, *args: Any) -> Any:
-        """One command's reply; an error reply is raised, as redis-py raises it."""
+        """One command's reply; an error reply is raised, as redis-py raises it (one inside a list
+        stays in its place)."""
         command = hiredis.pack_command(args)
         link = self._link
         if link is None or link.lost is not None:
             link = await self._connect()
         reply = await link.send(command)  # the link fails it if Redis does not answer in time
+        if _replica_said_so(reply):
+            # This Redis became a replica: connect again, to whatever the address now names.
+            link.fail(RedisConnectionError("Redis is now a replica"))
         if isinstance(reply, RedisError):
-            if isinstance(reply, ReadOnlyError):
-                # This Redis became a replica: connect again, to whatever the address now names.
-                link.fail(RedisConnectionError("Redis is now a replica"))
             raise reply
         return reply
 
     async def _connect(self) -> _Link:
+        if self._closed:
+            raise RedisConnectionError("the shared connection to Redis is closed")
         # One attempt at a time: the calls that arrive meanwhile wait for the same connection. One
         # that ended with nobody waiting (its callers gone) is stale: a new attempt is made.
         connecting = self._connecting
@@ -175,6 +183,11 @@ class SharedConnection:
             connecting = self._connecting = asyncio.get_running_loop().create_task(self._open())
         try:
             return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and connecting.cancelled() and (task is None or not task.cancelling()):
+                raise RedisConnectionError("the shared connection to Redis is closed") from None
+            raise
         finally:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
@@ -182,7 +195,7 @@ class SharedConnection:
     async def _open(self) -> _Link:
         loop = asyncio.get_running_loop()
         settings = self.settings
-        link = _Link(loop, self.call_timeout)
+        link = _Link(loop, settings, self.call_timeout)
         try:
             async with asyncio.timeout(settings.socket_connect_timeout or self.call_timeout):
                 if isinstance(settings, UnixDomainSocketConnection):
@@ -195,12 +208,18 @@ class SharedConnection:
                     assert isinstance(settings, Connection)
                     await loop.create_connection(lambda: link, settings.host, settings.port)
                 await self._handshake(link)
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            link.fail(RedisTimeoutError("connecting timed out"))
+            raise RedisTimeoutError("connecting to Redis timed out") from exc
+        except OSError as exc:
             link.fail(RedisConnectionError(str(exc)))
             raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from exc
         except BaseException:
             link.fail(RedisConnectionError("the connection was not completed"))
             raise
+        if self._closed:  # closed while this was on its way
+            link.fail(RedisConnectionError("closed"))
+            raise RedisConnectionError("the shared connection to Redis is closed")
         self._link = link
         return link
 
@@ -215,6 +234,9 @@ class SharedConnection:
             steps.append(("SELECT", settings.db))
         if settings.client_name:
             steps.append(("CLIENT", "SETNAME", settings.client_name))
+        # A Redis that refuses the connection (too many clients) says so at once: the reply to the
+        # first step, never to a caller's command.
+        steps.append(("PING",))
         replies = await asyncio.gather(*(link.send(hiredis.pack_command(step)) for step in steps))
         for step, reply in zip(steps, replies, strict=True):
             if isinstance(reply, RedisError):
@@ -222,8 +244,13 @@ class SharedConnection:
                 raise error(f"Redis refused {step[0]}: {reply}")
 
     async def aclose(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
+        """Close it; a call from here on raises `ConnectionError`, as on a closed redis-py client."""
+        self._closed = True
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError):
+                await connecting
         if self._link is not None:
             self._link.fail(RedisConnectionError("closed"))
             self._link = None
