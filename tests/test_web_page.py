@@ -157,7 +157,9 @@ def test_stop_and_a_cut_reply_are_marked_and_nothing_is_stored(page: Page, serve
     send(page, "@@deltas=10 @@delay=0.1 @@close_after=3 cut")
     cut = page.locator(".message.assistant").last
     expect(cut.locator(".note")).to_have_text(re.compile("^Incomplete: the reply was cut short"))
-    expect(cut.locator(".text")).to_have_text("w0 w1 w2", use_inner_text=True)
+    # What came before the cut is shown. The third delta arrives with the cut itself, and a browser
+    # may drop bytes that come with a network error, so it may or may not be there.
+    expect(cut.locator(".text")).to_have_text(re.compile(r"^w0 w1( w2)?\s*$"), use_inner_text=True)
     expect(page.locator("#message")).to_have_value("@@deltas=10 @@delay=0.1 @@close_after=3 cut")
     assert [m["content"] for m in history(server, session)] == [
         "first",

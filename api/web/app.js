@@ -228,12 +228,18 @@ async function turn(body, text) {
   try {
     const response = await postTurn(body, controller.signal);
     if (!response.ok) throw await failure(response);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    // Read the body itself and decode here: through a TextDecoderStream, a cut would error the
+    // decoder's side too and drop the text it had decoded but not yet handed over.
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
     try {
       for (;;) {
         const { done, value } = await reader.read();
-        if (done) return "done";
-        content.append(value);
+        if (done) {
+          content.append(decoder.decode());
+          return "done";
+        }
+        content.append(decoder.decode(value, { stream: true }));
         reply.scrollIntoView({ block: "end" });
       }
     } catch {
