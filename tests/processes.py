@@ -31,6 +31,23 @@ from api.http.protocol import ChatHttpProtocol
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def own_env(**settings: str) -> dict[str, str]:
+    """This process's environment without the service's settings the suite may run with (CHAT_,
+    ANTHROPIC_, REDIS_), and with `settings`: a command started with it sees only those."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
+    return base | settings
+
+
+def run_python(
+    args: Sequence[str], settings: dict[str, str], cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """`python <args>` with only `settings` of the service's, run to its end (at most 30 s): for a
+    command that must stop at start, and what it said."""
+    return subprocess.run(
+        [sys.executable, *args], env=own_env(**settings), cwd=cwd, capture_output=True, text=True, timeout=30
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

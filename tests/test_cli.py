@@ -13,19 +13,11 @@ import httpx
 import pytest
 
 from api.config import STANDIN_KEY, Settings, load_settings
-from tests.processes import ROOT, free_port, stop_process, wait_until
+from tests.processes import ROOT, free_port, own_env, run_python, stop_process, wait_until
 
 
 def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "api", "serve"],
-        env={**base, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_python(["-m", "api", "serve"], env)
 
 
 @pytest.mark.parametrize(
@@ -65,15 +57,7 @@ REAL_KEY = "sk-ant-api03-not-a-stand-in"
     ids=["chat-api serve", "uvicorn api.main:app"],
 )
 def test_a_real_key_without_api_keys_stops_a_worker_with_one_line_naming_both(command: list[str]) -> None:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
-    result = subprocess.run(
-        [sys.executable, *command],
-        env={**base, "ANTHROPIC_API_KEY": REAL_KEY},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_python(command, {"ANTHROPIC_API_KEY": REAL_KEY})
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "ANTHROPIC_API_KEY" in line and "CHAT_API_KEYS" in line and "CHAT_ALLOW_OPEN_API=true" in line
@@ -81,16 +65,8 @@ def test_a_real_key_without_api_keys_stops_a_worker_with_one_line_naming_both(co
 
 
 def test_chat_api_dev_with_a_real_key_and_no_api_keys_refuses_too(redis_url: str, tmp_path: Path) -> None:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
-    env = {**base, "PYTHONPATH": str(ROOT), "ANTHROPIC_API_KEY": REAL_KEY, "REDIS_URL": redis_url}
-    result = subprocess.run(
-        [sys.executable, "-m", "api", "dev", "--port", str(free_port())],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    env = {"PYTHONPATH": str(ROOT), "ANTHROPIC_API_KEY": REAL_KEY, "REDIS_URL": redis_url}
+    result = run_python(["-m", "api", "dev", "--port", str(free_port())], env, cwd=tmp_path)
     assert result.returncode == 2 and "CHAT_API_KEYS" in result.stderr, result.stderr
 
 
@@ -142,13 +118,12 @@ def test_dev_runs_with_nothing_but_the_package(tmp_path: Path, stop: int) -> Non
     """`chat-api dev` on a machine with no Redis and no key: embedded Redis, stand-in model; Ctrl-C
     (which reaches the embedded Redis too) or SIGTERM stops both, quietly."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "api", "dev", "--port", str(port)],
             cwd=tmp_path,
-            env={**env, "PYTHONPATH": str(ROOT)},
+            env=own_env(PYTHONPATH=str(ROOT)),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -176,8 +151,7 @@ def test_dev_runs_with_nothing_but_the_package(tmp_path: Path, stop: int) -> Non
 def test_dev_listens_where_chat_host_and_chat_port_say(tmp_path: Path) -> None:
     """Without --host and --port, `chat-api dev` binds CHAT_HOST:CHAT_PORT, as `chat-api serve` does."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
-    env |= {"PYTHONPATH": str(ROOT), "CHAT_HOST": "127.0.0.1", "CHAT_PORT": str(port)}
+    env = own_env(PYTHONPATH=str(ROOT), CHAT_HOST="127.0.0.1", CHAT_PORT=str(port))
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

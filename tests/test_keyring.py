@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +16,8 @@ from api.http.auth import Authenticator, tenant_of
 from api.http.keys_file import KeysFile
 from api.keyring import KeyEntry, KeysInvalid, combine, env_keys, key_digest, parse_keys_file
 from api.store.admission import Limits
+from tests.processes import run_python
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY_WEB = "web-key-0123456789abcdef"
 KEY_BATCH = "batch-key-0123456789abcdef"
 KEY_ENV = "env-key-0123456789abcdef"
@@ -186,14 +184,8 @@ def test_a_keys_file_counts_as_keys_for_the_safe_default(keys_file: Path) -> Non
 
 def test_a_worker_with_a_broken_keys_file_stops_at_start_with_one_line(keys_file: Path) -> None:
     write(keys_file, table("web", KEY_WEB) + table("web", KEY_BATCH))
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "ANTHROPIC_", "REDIS_"))}
-    result = subprocess.run(
-        [sys.executable, "-m", "api", "serve"],
-        env={**base, "ANTHROPIC_API_KEY": "test-key", "CHAT_API_KEYS_FILE": str(keys_file)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = run_python(
+        ["-m", "api", "serve"], {"ANTHROPIC_API_KEY": "test-key", "CHAT_API_KEYS_FILE": str(keys_file)}
     )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()

@@ -24,6 +24,7 @@ from api.store.multiplex import SharedConnection
 from api.upstream.client import Upstream, UpstreamRequest
 from api.upstream.transport import LeanTransport
 from tests.conftest import LiveApp, asgi_client
+from tests.test_upstream_conformance import turn
 from tests.topologies import suite_mode
 
 pytestmark = pytest.mark.anyio
@@ -97,15 +98,6 @@ def _message_of(request: RecordedRequest) -> str | None:
     return content if isinstance(content, str) else None
 
 
-async def _one_turn(upstream: Upstream, message: str) -> bytes:
-    request = UpstreamRequest(model="m", max_tokens=16, messages=[{"role": "user", "content": message}])
-    reply = await upstream.open(request)
-    try:
-        return b"".join([text async for text in reply.chunks()])
-    finally:
-        await reply.close()
-
-
 @pytest.mark.parametrize(("client", "direct"), [("direct", True), ("sdk", False)])
 async def test_the_upstream_client_setting_picks_who_builds_the_request(
     make_settings: Callable[..., Settings], standin: StandInModel, client: str, direct: bool
@@ -116,7 +108,7 @@ async def test_the_upstream_client_setting_picks_who_builds_the_request(
     try:
         assert (upstream.direct is not None) is direct
         mark = f"which {client}"
-        assert await _one_turn(upstream, mark) == f"echo: {mark} [turns=1]".encode()
+        assert await turn(upstream, mark) == f"echo: {mark} [turns=1]".encode()
     finally:
         await upstream.aclose()
     sent = next(r for r in reversed(standin.requests) if _message_of(r) == mark)
@@ -182,10 +174,10 @@ async def test_both_paths_retry_and_fail_alike(
     mark = f"{client} {directives} {secrets.token_hex(4)}"
     try:
         if status is None:
-            assert (await _one_turn(upstream, mark)).startswith(b"echo:")
+            assert (await turn(upstream, mark)).startswith(b"echo:")
         else:
             with pytest.raises(ChatError) as raised:
-                await _one_turn(upstream, mark)
+                await turn(upstream, mark)
             assert raised.value.status == status
     finally:
         await upstream.aclose()
