@@ -27,7 +27,7 @@ import trustme
 
 from api.config import Settings
 from api.dev.standin import StandInModel
-from api.errors import UpstreamFailed
+from api.errors import ChatError, UpstreamFailed
 from api.upstream.client import ReplyBroken, Upstream, UpstreamRequest
 from api.upstream.transport import LeanTransport
 from tests.conftest import LiveApp
@@ -61,8 +61,9 @@ def events(texts: list[bytes]) -> list[bytes]:
 
 class FakeClaude:
     """An ASGI fake of the Messages API. The first path segment picks the framing: `chunked` (no
-    length, so uvicorn chunks it), `length` (one body with its Content-Length) or `close` (a length,
-    then `connection: close`). It records each request's client port, one per connection."""
+    length, so uvicorn chunks it), `length` (one body with its Content-Length), `close` (a length,
+    then `connection: close`) or `gzip` (a length, and a `content-encoding` no client asked for).
+    It records each request's client port, one per connection."""
 
     def __init__(self, gap: float = 0.0) -> None:
         self.gap = gap
@@ -79,7 +80,7 @@ class FakeClaude:
         self.client_ports.append(scope["client"][1])
         mode = scope["path"].split("/")[1]
         body = events(TEXTS)
-        headers = [(b"content-type", b"text/event-stream")]
+        headers = [(b"content-type", b"text/event-stream"), (b"Request-Id", b"req_fake")]
         if mode == "chunked":
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             for part in body:
@@ -91,6 +92,8 @@ class FakeClaude:
         headers.append((b"content-length", b"%d" % len(whole)))
         if mode == "close":
             headers.append((b"connection", b"close"))
+        if mode == "gzip":
+            headers.append((b"Content-Encoding", b"GZIP"))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": whole})
 
@@ -141,6 +144,22 @@ async def test_chunked_and_content_length_bodies_arrive_whole(
     _, server = fake
     async with upstream(f"{server.url}/{framing}", upstream_transport=transport) as client:
         assert await turn(client) == b"".join(TEXTS)
+
+
+async def test_the_direct_request_takes_the_request_id_and_refuses_a_body_it_cannot_read(
+    fake: tuple[FakeClaude, ThreadServer],
+) -> None:
+    _, server = fake
+    request = UpstreamRequest(model="m", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    async with upstream(f"{server.url}/length") as client:
+        assert client.direct is not None
+        reply = await client.open(request)
+        await reply.close()
+        assert reply.request_id == "req_fake"  # header names are matched whatever their case
+    async with upstream(f"{server.url}/gzip") as client:
+        with pytest.raises(ChatError) as raised:
+            await turn(client)
+        assert raised.value.status == 502
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

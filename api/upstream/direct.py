@@ -129,13 +129,20 @@ class DirectUpstream:
                     raise Unreachable(exc, isinstance(exc, httpx2.TimeoutException)) from exc
                 await asyncio.sleep(_backoff(retries, None))
                 continue
-            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
             if status == 200:
-                encoding = headers.get("content-encoding", "identity").lower()
+                # Of a reply's headers only these two matter, on every turn: no dict of them all.
+                request_id, encoding = None, "identity"
+                for name, value in raw:
+                    lowered = name.lower()
+                    if lowered == b"request-id":
+                        request_id = value.decode("latin-1")
+                    elif lowered == b"content-encoding":
+                        encoding = value.decode("latin-1").lower()
                 if encoding != "identity":
                     stream.close()
                     raise Unreachable(httpx2.DecodingError(f"unexpected {encoding} body"), False)
-                return stream, headers.get("request-id")
+                return stream, request_id
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
             error_body = await _read_error_body(stream)
             if last or not _should_retry(status, headers):
                 raise Refused(status, headers, error_body)
@@ -171,6 +178,12 @@ def _backoff(retries: int, headers: Mapping[str, str] | None) -> float:
     after = _retry_after(headers) if headers is not None else None
     if after is not None and after > 0:
         return min(after, MAX_RETRY_AFTER)
+    return backoff(retries)
+
+
+def backoff(retries: int) -> float:
+    """The SDK's own backoff before retry number `retries` + 1: 0.5 s doubling up to 8 s, less up to a
+    quarter at random."""
     return min(INITIAL_RETRY_DELAY * 2.0 ** min(retries, 1000), MAX_RETRY_DELAY) * (
         1 - 0.25 * random.random()
     )
