@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import random
 import re
 import secrets
 import time
@@ -56,6 +55,7 @@ from api.turn.schemas import ChatRequest
 from api.turn.slots import GenerationSlots
 from api.turn.usage import UsageReport, usage_report
 from api.upstream.client import Reply, ReplyBroken, Upstream, UpstreamRequest
+from api.upstream.direct import backoff
 
 log = logging.getLogger("api.turn.service")
 
@@ -583,7 +583,7 @@ class ChatService:
         for attempt in range(self.settings.upstream_max_retries + 1):
             if hold.reply is not None:
                 await hold.reply.close()
-                await asyncio.sleep(retry_delay(attempt - 1))
+                await asyncio.sleep(backoff(attempt - 1))
             hold.reply = await self.upstream.open(request)
             report.upstream_request_id = hold.reply.request_id
             try:
@@ -743,11 +743,6 @@ class ChatService:
 # Failures before the first text that another attempt may not meet: what the SDK would retry had it
 # seen them as a status (overloaded, a 5xx `api_error`, a dropped connection or cut reply).
 RETRYABLE = frozenset({"overloaded", "error_event", "connection", "incomplete"})
-
-
-def retry_delay(retry: int) -> float:
-    # The SDK's own backoff: 0.5 s doubling up to 8 s, less up to a quarter at random.
-    return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * random.random())
 
 
 def first_text_error(exc: ReplyBroken) -> ChatError:
