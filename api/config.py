@@ -21,7 +21,16 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.asyncio.connection import parse_url
 
-from api.keyring import KeysInvalid, check_key, combine, env_keys, read_keys_file
+from api.keyring import (
+    MAX_REQUESTS,
+    MAX_STREAMS,
+    MAX_TOKENS,
+    KeysInvalid,
+    check_key,
+    combine,
+    env_keys,
+    read_keys_file,
+)
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
 # The stand-in model's key (`chat-api dev` and docker compose set it when no real key is given): it is
@@ -115,9 +124,9 @@ class Settings(BaseSettings):
     allow_open_api: bool = False
     trusted_proxies: CommaList = Field(default_factory=list)
     # Bounded so that a bucket's arithmetic in Lua stays exact (doubles hold integers up to 2**53).
-    rate_limit_requests: int = Field(0, ge=0, le=1_000_000)
-    rate_limit_tokens: int = Field(0, ge=0, le=1_000_000_000)
-    rate_limit_concurrent: int = Field(0, ge=0)
+    rate_limit_requests: int = Field(0, ge=0, le=MAX_REQUESTS)
+    rate_limit_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
+    rate_limit_concurrent: int = Field(0, ge=0, le=MAX_STREAMS)
     worker_max_streams: int = Field(0, ge=0)
     worker_queue_seconds: float = Field(0.0, ge=0, le=3600)
     # Days each UTC day's usage is kept after it ended; also the longest range GET /usage answers.

@@ -28,7 +28,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# The same bounds as CHAT_RATE_LIMIT_*: a bucket's arithmetic in Lua stays exact below 2**53.
+# The bounds of every limit, CHAT_RATE_LIMIT_* and a key's own: a bucket's arithmetic in Lua stays
+# exact below 2**53.
 MAX_REQUESTS = 1_000_000
 MAX_TOKENS = 1_000_000_000
 MAX_STREAMS = 1_000_000

@@ -26,6 +26,8 @@ def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({}, "ANTHROPIC_API_KEY"),
         ({"ANTHROPIC_API_KEY": "k", "CHAT_MAX_TOKENS": "many"}, "CHAT_MAX_TOKENS"),
         ({"ANTHROPIC_API_KEY": "k", "CHAT_LOCK_TTL_SECONDS": "-1"}, "CHAT_LOCK_TTL_SECONDS"),
+        # Above what a key's own streams_at_once may say: the same bound for both.
+        ({"ANTHROPIC_API_KEY": "k", "CHAT_RATE_LIMIT_CONCURRENT": "1000001"}, "CHAT_RATE_LIMIT_CONCURRENT"),
         ({"ANTHROPIC_API_KEY": "k", "CHAT_API_KEYS": "short"}, "CHAT_API_KEYS"),
         ({"ANTHROPIC_API_KEY": "k", "CHAT_MODEL": "m-x", "CHAT_ALLOWED_MODELS": "m-y"}, "CHAT_MODEL"),
         ({"ANTHROPIC_API_KEY": "k", "REDIS_URL": "foo"}, "REDIS_URL"),
