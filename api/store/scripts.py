@@ -11,6 +11,7 @@ cluster pipeline, which sends one batch per node, all at once, and follows MOVED
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from api.store.redis import Client, TimedClusterPipeline, TimedPipeline
 log = logging.getLogger("api.store.scripts")
 
 
+@functools.cache  # read once, however many clients and bundles are built from it
 def script_source(name: str) -> str:
     return resources.files("api.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
